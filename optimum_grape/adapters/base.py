@@ -1,0 +1,80 @@
+"""What the rest of optimum-grape may know about an MoE layer: the `MoELayer` record and the
+`MoEAdapter` protocol. Model-family knowledge lives only in subclasses of `MoEAdapter`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MoELayer:
+    """One sparse MoE block of a decoder layer, as located by an adapter."""
+
+    index: int  # decoder-layer index (the key used by plans and configs)
+    name: str  # module path of the sparse block
+    block: nn.Module
+    experts: nn.Module
+    router: nn.Module
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router_weight().shape[0])
+
+    def router_weight(self) -> torch.Tensor:
+        return self.router.weight
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How a layer turns router logits into weights; enough for pure planning code to re-route."""
+
+    top_k: int
+    scoring: str = "softmax"  # "softmax" or "sigmoid"
+    norm_topk_prob: bool = True
+
+    def to_dict(self) -> dict:
+        return {"top_k": self.top_k, "scoring": self.scoring, "norm_topk_prob": self.norm_topk_prob}
+
+
+class MoEAdapter:
+    """Protocol every family adapter implements (see docs/adding_a_family.md).
+
+    Finding blocks, running one expert, reading router logits, and rewriting a layer to a given
+    set of clusters are the only operations the algorithms and the pruner rely on.
+    """
+
+    model_types: tuple[str, ...] = ()
+    count_key: str = "num_local_experts"  # native config key holding experts per layer
+
+    def find_layers(self, model: nn.Module) -> list[MoELayer]:
+        raise NotImplementedError
+
+    def run_experts(self, layer: MoELayer, hidden: torch.Tensor, expert_ids: Iterable[int]) -> torch.Tensor:
+        """Outputs [len(expert_ids), T, H] of the given experts on the same tokens, without routing weights."""
+        raise NotImplementedError
+
+    def router_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def routing_spec(self, layer: MoELayer, config) -> RoutingSpec:
+        raise NotImplementedError
+
+    def layer_floor(self, layer: MoELayer) -> int:
+        """Fewest experts this layer's routing can work with."""
+        return layer.top_k
+
+    def valid_count(self, layer: MoELayer, count: int) -> bool:
+        """Whether the routing of this layer accepts `count` experts (e.g. DeepSeek group divisibility)."""
+        return count >= self.layer_floor(layer)
+
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_mode: str) -> None:
+        raise NotImplementedError
+
+    def resize_empty(self, layer: MoELayer, count: int) -> None:
+        """Resize a freshly built (meta/empty) layer to `count` experts before weights are loaded."""
+        raise NotImplementedError

@@ -1,0 +1,154 @@
+"""The generic adapter for transformers' fused experts (`@use_experts_implementation` classes).
+
+Such an experts module stores every expert in 3-D tensors whose first dimension is the expert
+(`gate_up_proj`/`up_proj`, `down_proj`, optional biases) and declares its layout in the flags
+`has_gate`, `has_bias`, `is_transposed`; its router holds one row per expert. Everything here is
+found by that structure, so most families need only a registry line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..algorithms.merging import combine_rows
+from ..errors import UnsupportedModelError
+from .base import MoEAdapter, MoELayer, RoutingSpec
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+# Instance attributes that copy the expert count at construction; forward reads these, not config.
+COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "out_features")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    return hasattr(module, "is_transposed") and hasattr(module, "has_gate") and isinstance(
+        getattr(module, "down_proj", None), nn.Parameter
+    )
+
+
+def expert_tensor_names(module: nn.Module, num_experts: int) -> list[str]:
+    """Direct parameters and buffers of `module` indexed by expert on their first dimension."""
+    names = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == num_experts]
+    names += [n for n, b in module.named_buffers(recurse=False) if b is not None and b.dim() >= 1
+              and b.shape[0] == num_experts]
+    return names
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    out = x @ weight if transposed else F.linear(x, weight)
+    return out + bias if bias is not None else out
+
+
+class FusedExpertsAdapter(MoEAdapter):
+    """Adapter for blocks holding a fused experts module and a router with one weight row per expert."""
+
+    model_types = ()
+    count_key = "num_local_experts"
+    top_k_key = "num_experts_per_tok"
+
+    # -- locating ---------------------------------------------------------------------------------
+    def find_router(self, block: nn.Module, experts: nn.Module, num_experts: int) -> nn.Module:
+        for name, child in block.named_children():
+            weight = getattr(child, "weight", None)
+            if child is not experts and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                    and weight.shape[0] == num_experts:
+                return child
+        raise UnsupportedModelError(f"No router with {num_experts} rows found in {type(block).__name__}.")
+
+    def find_layers(self, model: nn.Module) -> list[MoELayer]:
+        layers = []
+        modules = dict(model.named_modules())
+        for name, module in modules.items():
+            if not is_fused_experts(module):
+                continue
+            block_name = name.rsplit(".", 1)[0]
+            block = modules[block_name]
+            num_experts = module.down_proj.shape[0]
+            router = self.find_router(block, module, num_experts)
+            match = _LAYER_INDEX.search(name + ".")
+            if match is None:
+                raise UnsupportedModelError(f"Cannot tell the decoder layer of MoE block {block_name!r}.")
+            top_k = getattr(router, "top_k", None) or getattr(block, "top_k", None) or self.config_top_k(model.config)
+            layers.append(MoELayer(int(match.group(1)), block_name, block, module, router, int(top_k)))
+        return sorted(layers, key=lambda layer: layer.index)
+
+    def config_top_k(self, config) -> int:
+        return int(getattr(config, self.top_k_key))
+
+    # -- measuring --------------------------------------------------------------------------------
+    def run_experts(self, layer: MoELayer, hidden: torch.Tensor, expert_ids: Iterable[int]) -> torch.Tensor:
+        experts = layer.experts
+        if getattr(experts, "has_post_expert_norm", False):
+            raise UnsupportedModelError(f"{type(experts).__name__} applies a post-expert norm, not supported yet.")
+        outputs = []
+        for e in expert_ids:
+            up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+            up_bias = getattr(experts, up_name + "_bias")[e] if experts.has_bias else None
+            proj = _linear(hidden, getattr(experts, up_name)[e], up_bias, experts.is_transposed)
+            proj = experts._apply_gate(proj) if experts.has_gate else experts.act_fn(proj)
+            down_bias = experts.down_proj_bias[e] if experts.has_bias else None
+            outputs.append(_linear(proj, experts.down_proj[e], down_bias, experts.is_transposed))
+        return torch.stack(outputs, dim=0)
+
+    def router_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, layer.router.weight, getattr(layer.router, "bias", None))
+
+    def routing_spec(self, layer: MoELayer, config) -> RoutingSpec:
+        return RoutingSpec(top_k=layer.top_k, scoring="softmax",
+                           norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)))
+
+    # -- changing ---------------------------------------------------------------------------------
+    def _rewrite(self, layer: MoELayer, make_expert, make_router, count: int) -> None:
+        old = layer.num_experts
+        for module, make in ((layer.experts, make_expert), (layer.router, make_router)):
+            for name in expert_tensor_names(module, old):
+                tensor = getattr(module, name)
+                new = make(tensor.data)
+                if isinstance(tensor, nn.Parameter):
+                    setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
+                else:
+                    setattr(module, name, new)
+        self.set_count(layer, count)
+
+    def set_count(self, layer: MoELayer, count: int) -> None:
+        for module in (layer.block, layer.experts, layer.router):
+            for attr in COUNT_ATTRIBUTES:
+                if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
+                    if attr == "out_features" and not isinstance(module, nn.Linear):
+                        continue
+                    setattr(module, attr, count)
+
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_mode: str) -> None:
+        if router_mode == "mean":
+            router_weights = [[1.0 / len(c)] * len(c) for c in clusters]
+        else:
+            router_weights = [[1.0] + [0.0] * (len(c) - 1) for c in clusters]
+        self._rewrite(layer,
+                      lambda t: combine_rows(t, clusters, weights),
+                      lambda t: combine_rows(t, clusters, router_weights),
+                      len(clusters))
+
+    def resize_empty(self, layer: MoELayer, count: int) -> None:
+        def empty(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device)
+
+        self._rewrite(layer, empty, empty, count)
+
+
+class MixtralAdapter(FusedExpertsAdapter):
+    model_types = ("mixtral",)
+    count_key = "num_local_experts"
+
+
+class Qwen3MoeAdapter(FusedExpertsAdapter):
+    model_types = ("qwen3_moe",)
+    count_key = "num_experts"
+
+
+class OlmoeAdapter(FusedExpertsAdapter):
+    model_types = ("olmoe",)
+    count_key = "num_experts"

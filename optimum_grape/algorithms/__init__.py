@@ -1,0 +1,1 @@
+"""Pure tensor functions: similarity, budgets, GRAPE allocation, clustering and merging."""

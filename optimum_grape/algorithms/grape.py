@@ -1,0 +1,124 @@
+"""GRAPE's global redundancy-aware allocation (arXiv 2604.06542, Algorithm 1) and its per-layer
+twin, as pure functions on similarity matrices.
+
+Gaps the paper leaves, closed as RESEARCH.md decides: (a) the pair's similarity is subtracted from
+R^l before it is cleared; (b) a pair already joined transitively is cleared and subtracted but is
+not a merge (union-find per layer); (c) no layer goes below its floor; (d) we stay in similarity
+form (argmax), and "clearing" is a mask, so negative similarities (MSE) cannot be picked twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .budget import check_budget
+
+
+class UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> bool:
+        ri, rj = self.find(i), self.find(j)
+        if ri == rj:
+            return False
+        self.parent[max(ri, rj)] = min(ri, rj)
+        return True
+
+    def groups(self) -> list[list[int]]:
+        out: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            out.setdefault(self.find(i), []).append(i)
+        return sorted(out.values(), key=lambda g: g[0])
+
+
+class _LayerState:
+    """Residual similarity of one layer: matrix, processed-pair mask, R^l and clusters."""
+
+    def __init__(self, sim: torch.Tensor) -> None:
+        n = sim.shape[0]
+        self.sim = sim.double().clone()
+        self.open = ~torch.eye(n, dtype=torch.bool)  # pairs not yet processed
+        self.redundancy = float(self.sim[self.open].sum())  # R^l = sum_{i != j} D_ij (Eq. 11)
+        self.uf = UnionFind(n)
+        self.count = n
+
+    def step(self) -> tuple[int, int, float, bool]:
+        """Process the most similar open pair; returns (i, j, s, merged)."""
+        masked = self.sim.masked_fill(~self.open, -math.inf)
+        flat = int(torch.argmax(masked))
+        i, j = divmod(flat, masked.shape[1])
+        s = float(self.sim[i, j])
+        self.redundancy -= 2 * s  # gap (a): subtract before clearing
+        self.open[i, j] = self.open[j, i] = False
+        merged = self.uf.union(i, j)
+        if merged:
+            self.count -= 1
+        return i, j, s, merged
+
+
+def _entropy(counts: list[int]) -> float:
+    total = sum(counts)
+    return -sum(c / total * math.log(c / total) for c in counts if c > 0)
+
+
+@dataclass
+class GlobalAllocation:
+    clusters: dict[int, list[list[int]]]
+    restarts: int = 0
+    entropy_before: float = 0.0
+    entropy_after: float = 0.0
+    entropy_threshold: float = 0.0
+    merge_order: list[tuple[int, int, int, float]] = field(default_factory=list)  # (layer, i, j, s)
+
+
+def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, int], budget: int,
+                       entropy_tolerance: float) -> GlobalAllocation:
+    """Algorithm 1: spend one global budget of merges where layer redundancy R^l is highest.
+
+    A layer whose merge drops the allocation entropy below E_0 (1 - gamma) is frozen; when every
+    mergeable layer is frozen, all are unfrozen (restart). Deterministic: ties go to the lowest
+    layer index and the lowest (i, j).
+    """
+    num_experts = {l: s.shape[0] for l, s in similarities.items()}
+    check_budget(num_experts, floors, budget)
+    states = {l: _LayerState(similarities[l]) for l in sorted(similarities)}
+    entropy_before = _entropy(list(num_experts.values()))
+    threshold = entropy_before * (1 - entropy_tolerance)
+    frozen: set[int] = set()
+    result = GlobalAllocation(clusters={}, entropy_before=entropy_before, entropy_threshold=threshold)
+    merges_left = budget
+    while merges_left > 0:
+        mergeable = [l for l, st in states.items() if st.count > floors[l]]
+        candidates = [l for l in mergeable if l not in frozen]
+        if not candidates:
+            frozen.clear()
+            result.restarts += 1
+            candidates = mergeable
+        layer = max(candidates, key=lambda l: (states[l].redundancy, -l))
+        i, j, s, merged = states[layer].step()
+        if merged:
+            merges_left -= 1
+            result.merge_order.append((layer, i, j, s))
+        if _entropy([st.count for st in states.values()]) < threshold:
+            frozen.add(layer)
+    result.entropy_after = _entropy([st.count for st in states.values()])
+    result.clusters = {l: st.uf.groups() for l, st in states.items()}
+    return result
+
+
+def greedy_merge_to(sim: torch.Tensor, keep: int) -> list[list[int]]:
+    """Per-layer twin of Algorithm 1: merge the most similar open pair until `keep` clusters remain."""
+    state = _LayerState(sim)
+    while state.count > keep:
+        state.step()
+    return state.uf.groups()

@@ -1,0 +1,62 @@
+"""Turning clusters of experts into single experts: pure tensor functions.
+
+A cluster is a list of original expert ids, representative first. Merging is a weighted average
+of the members' parameters along the expert dimension (MC-SMoE / HC-SMoE style); dropping is the
+same average with all weight on the representative.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cluster_weights(clusters: list[list[int]], frequency: torch.Tensor | None, mode: str) -> list[list[float]]:
+    """Per-cluster merge weights that sum to one.
+
+    `weighted`: proportional to routing frequency (uniform inside a cluster nobody routed to);
+    `drop`: one-hot on the representative; `mean`: uniform.
+    """
+    result = []
+    for members in clusters:
+        if mode == "drop" or len(members) == 1:
+            result.append([1.0] + [0.0] * (len(members) - 1))
+            continue
+        if mode == "weighted" and frequency is not None:
+            mass = frequency[members].double()
+            total = float(mass.sum())
+            if total > 0:
+                result.append([float(m) / total for m in mass])
+                continue
+        result.append([1.0 / len(members)] * len(members))
+    return result
+
+
+def combine_rows(tensor: torch.Tensor, clusters: list[list[int]], weights: list[list[float]]) -> torch.Tensor:
+    """New tensor whose row c is sum_i weights[c][i] * tensor[clusters[c][i]] (dim 0 = experts).
+
+    Singleton clusters and one-hot weights copy rows exactly, so keeping every expert is the identity.
+    """
+    rows = []
+    for members, w in zip(clusters, weights):
+        nonzero = [(m, x) for m, x in zip(members, w) if x != 0.0]
+        if len(nonzero) == 1 and nonzero[0][1] == 1.0:
+            rows.append(tensor[nonzero[0][0]].clone())
+            continue
+        coeff = torch.tensor([x for _, x in nonzero], dtype=torch.float64, device=tensor.device)
+        stacked = tensor[[m for m, _ in nonzero]].double()
+        merged = torch.einsum("k,k...->...", coeff, stacked)
+        rows.append(merged.to(tensor.dtype))
+    return torch.stack(rows, dim=0)
+
+
+def order_clusters(clusters: list[list[int]], priority: torch.Tensor | None) -> list[list[int]]:
+    """Representative first (highest priority, e.g. tokens routed; ties to the lowest id), clusters
+    sorted by their representative's original id so kept experts stay in their original order."""
+    ordered = []
+    for members in clusters:
+        members = sorted(members)
+        if priority is not None and len(members) > 1:
+            rep = max(members, key=lambda m: (float(priority[m]), -m))
+            members = [rep] + [m for m in members if m != rep]
+        ordered.append(members)
+    return sorted(ordered, key=lambda c: c[0])

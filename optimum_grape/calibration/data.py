@@ -1,0 +1,101 @@
+"""Calibration data: from whatever the user has (strings, a text file, a `datasets` folder or
+object, token ids) to fixed-length batches of token ids. Packing documents into full windows means
+no padding, so every recorded token is a real one."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import CalibrationDataError
+
+
+def default_calibration_path() -> Path:
+    return Path(str(resources.files("optimum_grape") / "data" / "calibration.txt"))
+
+
+def read_text_documents(path: str | Path) -> list[str]:
+    """Documents of a text file, separated by blank lines."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+
+
+def load_calibration_data(dataset: Any) -> Any:
+    """Resolve `GrapeConfig.dataset` to strings, a `datasets.Dataset` or token ids."""
+    if dataset is None:
+        return read_text_documents(default_calibration_path())
+    if isinstance(dataset, (str, Path)):
+        path = Path(dataset)
+        if path.is_file():
+            return read_text_documents(path)
+        if path.is_dir():
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                split = "train" if "train" in loaded else next(iter(loaded))
+                loaded = loaded[split]
+            return loaded
+        raise CalibrationDataError(
+            f"Calibration dataset {str(dataset)!r} is neither a text file nor a saved `datasets` folder; "
+            "pass a local path, a list of strings, or None for the shipped calibration text (no Hub downloads)."
+        )
+    return dataset
+
+
+def _texts_of(data: Any) -> list[str] | None:
+    if isinstance(data, str):
+        return [data]
+    column_names = getattr(data, "column_names", None)
+    if column_names is not None:
+        if "text" not in column_names:
+            raise CalibrationDataError(
+                f"The calibration Dataset has columns {column_names}; it needs a 'text' column "
+                "(or pass token ids instead)."
+            )
+        return [t for t in data["text"] if t]
+    if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
+        return list(data)
+    return None
+
+
+def token_stream(data: Any, tokenizer=None) -> torch.Tensor:
+    """All calibration tokens as one 1-D LongTensor, documents joined by the tokenizer's EOS."""
+    texts = _texts_of(data)
+    if texts is not None:
+        if tokenizer is None:
+            raise CalibrationDataError(
+                "Calibration data is text but no tokenizer was given: pass tokenizer=AutoTokenizer.from_pretrained(...) "
+                "or give token ids (an iterable of LongTensors)."
+            )
+        sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        ids: list[int] = []
+        for text in texts:
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + sep)
+        return torch.tensor(ids, dtype=torch.long)
+    pieces = []
+    for item in data if isinstance(data, Iterable) else []:
+        tensor = torch.as_tensor(item)
+        if tensor.dtype not in (torch.int64, torch.int32) or tensor.dim() > 2:
+            raise CalibrationDataError(
+                f"Calibration items must be strings or integer token-id tensors of 1 or 2 dims; got {tensor.dtype} "
+                f"with shape {tuple(tensor.shape)}."
+            )
+        pieces.append(tensor.long().flatten())
+    if not pieces:
+        raise CalibrationDataError("Calibration data is empty: give at least one non-empty text or token sequence.")
+    return torch.cat(pieces)
+
+
+def calibration_batches(data: Any, tokenizer=None, num_samples: int = 64, sequence_length: int = 256,
+                        batch_size: int = 8) -> list[torch.Tensor]:
+    """Fixed-length windows of the token stream, at most `num_samples`, grouped in batches."""
+    stream = token_stream(data, tokenizer)
+    if stream.numel() < 2:
+        raise CalibrationDataError(f"Calibration data has {stream.numel()} token(s); at least 2 are needed.")
+    length = min(sequence_length, stream.numel())
+    windows = stream[: (stream.numel() // length) * length].view(-1, length)[:num_samples]
+    return list(windows.split(batch_size))

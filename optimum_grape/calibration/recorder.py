@@ -1,0 +1,119 @@
+"""Recording router statistics and expert outputs during a calibration pass.
+
+The hook is an experts implementation registered with transformers' `ExpertsInterface`: every
+`@use_experts_implementation` family then calls it with (experts, hidden_states, top_k_index,
+top_k_weights), in every layer, without patching model code. The context manager switches the
+model to it and always switches back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..adapters import MoEAdapter, MoELayer
+from ..algorithms.similarity import expert_similarity
+from ..stats import LayerStats
+
+IMPLEMENTATION_NAME = "grape_calibration"
+_RECORDERS: dict[int, "LayerRecorder"] = {}  # id(experts module) -> recorder of the running pass
+
+
+def _calibration_forward(experts, hidden_states, top_k_index, top_k_weights):
+    recorder = _RECORDERS.get(id(experts))
+    if recorder is None:
+        raise RuntimeError(
+            f"{type(experts).__name__} called the '{IMPLEMENTATION_NAME}' experts implementation outside a "
+            "calibration pass; call model.set_experts_implementation('eager') to reset it."
+        )
+    return recorder.forward(hidden_states, top_k_index, top_k_weights)
+
+
+def _register_implementation() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    if IMPLEMENTATION_NAME not in ALL_EXPERTS_FUNCTIONS:
+        ExpertsInterface.register(IMPLEMENTATION_NAME, _calibration_forward)
+
+
+class LayerRecorder:
+    """Accumulates one layer's statistics (float64 sums on the data's device, as llm-compressor does)."""
+
+    def __init__(self, adapter: MoEAdapter, layer: MoELayer, tokens_per_call: int, max_tokens: int,
+                 generator: torch.Generator) -> None:
+        self.adapter, self.layer = adapter, layer
+        n, device = layer.num_experts, layer.router_weight().device
+        self.tokens = torch.zeros(n, dtype=torch.float64, device=device)
+        self.weight_mass = torch.zeros(n, dtype=torch.float64, device=device)
+        self.saliency_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.tokens_per_call, self.max_tokens, self.generator = tokens_per_call, max_tokens, generator
+        self.samples: list[torch.Tensor] = []
+        self.sampled = 0
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for e in torch.unique(top_k_index).tolist():
+            tok, pos = torch.where(top_k_index == e)
+            y = self.adapter.run_experts(self.layer, hidden[tok], [e])[0]
+            w = top_k_weights[tok, pos]
+            out.index_add_(0, tok, (y * w[:, None].to(y.dtype)).to(out.dtype))
+            self.saliency_sum[e] += (w.double() * y.double().norm(dim=-1)).sum()
+        flat = top_k_index.flatten()
+        self.tokens.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        self.weight_mass.index_add_(0, flat, top_k_weights.flatten().double())
+        self._sample(hidden)
+        return out
+
+    def _sample(self, hidden: torch.Tensor) -> None:
+        take = min(self.tokens_per_call, self.max_tokens - self.sampled, hidden.shape[0])
+        if take <= 0:
+            return
+        rows = torch.randperm(hidden.shape[0], generator=self.generator)[:take].to(hidden.device)
+        self.samples.append(hidden[rows].detach().clone())
+        self.sampled += take
+
+    def finalize(self, needs: frozenset[str], similarity: str, config, floor: int) -> LayerStats:
+        stats = LayerStats(
+            num_experts=self.layer.num_experts, floor=floor,
+            routing=self.adapter.routing_spec(self.layer, config).to_dict(),
+            router_weight=self.layer.router_weight().detach().double().cpu(),
+            tokens=self.tokens.cpu(), weight_mass=self.weight_mass.cpu(),
+            saliency=(self.saliency_sum / self.tokens.clamp_min(1)).cpu(),
+        )
+        if not needs or not self.samples:
+            return stats
+        sample = torch.cat(self.samples)
+        if needs & {"similarity", "mean_output", "expert_outputs"}:
+            outputs = self.adapter.run_experts(self.layer, sample, range(self.layer.num_experts)).float()
+            if "similarity" in needs:
+                stats.similarity = expert_similarity(outputs, similarity).cpu()
+            if "mean_output" in needs:
+                stats.mean_output = outputs.mean(dim=1).double().cpu()
+            if "expert_outputs" in needs:
+                stats.expert_outputs = outputs.cpu()
+        if "router_logits" in needs or "expert_outputs" in needs:
+            stats.router_logits = self.adapter.router_logits(self.layer, sample).float().cpu()
+        if "sample_hidden" in needs:
+            stats.sample_hidden = sample.float().cpu()
+        return stats
+
+
+@contextlib.contextmanager
+def recording(model, adapter: MoEAdapter, layers: list[MoELayer], num_batches: int, max_tokens: int, seed: int):
+    """Route every MoE layer of `model` through recorders for the duration of the block."""
+    _register_implementation()
+    generator = torch.Generator().manual_seed(seed)
+    per_call = max(1, math.ceil(max_tokens / max(1, num_batches)))
+    recorders = {layer.index: LayerRecorder(adapter, layer, per_call, max_tokens, generator) for layer in layers}
+    previous = model.config._experts_implementation
+    for layer in layers:
+        _RECORDERS[id(layer.experts)] = recorders[layer.index]
+    try:
+        model.set_experts_implementation(IMPLEMENTATION_NAME)
+        yield recorders
+    finally:
+        for layer in layers:
+            _RECORDERS.pop(id(layer.experts), None)
+        model.set_experts_implementation(previous)

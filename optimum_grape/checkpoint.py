@@ -1,0 +1,84 @@
+"""Writing a pruned model as a Hub-ready folder (weights, config with per-layer counts, plan,
+model card), atomically, and uploading that folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .card import render_model_card
+from .errors import CheckpointError
+from .plan import PruningPlan
+
+PLAN_FILE = "grape_plan.json"
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise CheckpointError(
+            f"Output folder {str(out_dir)!r} exists and is not empty; choose a new folder or pass overwrite=True "
+            "(CLI: --overwrite) to replace it."
+        )
+
+
+def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None = None, evaluation=None,
+                 base_model: str | None = None) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if plan is not None:
+        (folder / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
+    (folder / "README.md").write_text(render_model_card(model, plan, evaluation or {}, base_model), encoding="utf-8")
+
+
+def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None, overwrite: bool = False,
+                evaluation=None, base_model: str | None = None) -> Path:
+    """Write everything next to the destination first, then move it into place: an interrupted save
+    never leaves a half-written checkpoint at `out_dir`."""
+    out_dir = Path(out_dir)
+    _check_destination(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        write_folder(model, staging, tokenizer, plan, evaluation, base_model)
+        if out_dir.exists():
+            backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, backup)
+            os.replace(staging, out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def push_pruned(model, repo_id: str, tokenizer=None, plan=None, evaluation=None, private=None, token=None,
+                base_model: str | None = None, api=None):
+    """Upload the same folder `save_pruned` writes. The card goes up in a second commit, after the
+    weights, because uploading a model through transformers replaces README.md."""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        save_pruned(model, folder, tokenizer, plan, evaluation=evaluation, base_model=base_model)
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        (folder / "README.md").unlink()
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload GRAPE-pruned model")
+        return api.upload_file(path_or_fileobj=card.encode("utf-8"), path_in_repo="README.md", repo_id=repo_id,
+                               commit_message="Add GRAPE model card")
+
+
+def read_plan(folder) -> PruningPlan | None:
+    path = Path(folder) / PLAN_FILE
+    return PruningPlan.from_json(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def read_config_json(folder) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))

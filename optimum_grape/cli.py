@@ -1,0 +1,214 @@
+"""`optimum-grape`: prune an MoE checkpoint from the command line, or inspect a pruned one.
+
+    optimum-grape prune default --output pruned --ratio 0.25 --evaluate
+    optimum-grape prune ./Mixtral-8x7B --output ./mixtral-grape-25 --ratio 0.25 --dataset calib.txt
+    optimum-grape inspect ./mixtral-grape-25
+    optimum-grape methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from .errors import GrapeError
+
+DEFAULT_MODEL = "default"
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("optimum_grape") / "default_model"))
+
+
+def heldout_paths() -> list[Path]:
+    return sorted(Path(str(resources.files("optimum_grape") / "data" / "heldout")).glob("*.txt"))
+
+
+def _resolve_base(base: str) -> str:
+    if base == DEFAULT_MODEL:
+        path = default_model_path()
+        if not (path / "config.json").exists():
+            raise GrapeError(f"The embedded default model is missing at {path}; reinstall optimum-grape.")
+        return str(path)
+    return base
+
+
+def _config_from_args(args):
+    from .config import GrapeConfig
+
+    return GrapeConfig(
+        method=args.method, pruning_ratio=args.ratio, num_experts_to_prune=args.num_experts_to_prune,
+        allocation=args.allocation, similarity=args.similarity, entropy_tolerance=args.entropy_tolerance,
+        min_experts_per_layer=args.min_experts_per_layer, merge=args.merge, router=args.router,
+        dataset=args.dataset, num_samples=args.num_samples, sequence_length=args.sequence_length,
+        batch_size=args.batch_size, max_tokens_per_layer=args.max_tokens_per_layer, seed=args.seed,
+        method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else {},
+    )
+
+
+def _evaluate(model, tokenizer, max_tokens: int, window: int) -> dict[str, float]:
+    from .evaluation import perplexity, text_token_ids
+
+    scores = {}
+    for path in heldout_paths():
+        ids = text_token_ids(tokenizer, path.read_text(encoding="utf-8"))[:max_tokens]
+        scores[path.stem] = perplexity(model, ids, window=window)
+    return scores
+
+
+def cmd_prune(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import _check_destination
+    from .evaluation import count_parameters, folder_bytes
+    from .plan import PruningPlan
+    from .pruner import GrapePruner
+
+    config = _config_from_args(args) if args.plan is None else None
+    output = Path(args.output)
+    _check_destination(output, args.overwrite)  # refuse before any expensive work
+    pruner = GrapePruner(config) if config is not None else None
+    base = _resolve_base(args.base)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=args.trust_remote_code)
+    params_before = count_parameters(model)
+    bytes_before = folder_bytes(base) if Path(base).is_dir() else None
+    before = _evaluate(model, tokenizer, args.eval_tokens, args.sequence_length) if args.evaluate else {}
+    start = time.perf_counter()
+    if args.plan is not None:
+        plan = PruningPlan.from_json(Path(args.plan).read_text(encoding="utf-8"))
+        from .config import GrapeConfig
+
+        pruner = GrapePruner(GrapeConfig(method=plan.method, num_experts_to_prune=max(1, plan.num_removed)))
+    else:
+        stats = pruner.calibrate(model, None, tokenizer)
+        if args.save_stats:
+            stats.save(args.save_stats)
+        plan = pruner.plan(stats)
+    pruner.apply(model, plan)
+    elapsed = time.perf_counter() - start
+    after = _evaluate(model, tokenizer, args.eval_tokens, args.sequence_length) if args.evaluate else {}
+    how = f"perplexity on the first {args.eval_tokens} tokens of each held-out file, windows of {args.sequence_length}"
+    pruner.evaluation = {f"perplexity ({d})": {"before": before[d], "after": after[d], "how": how} for d in before}
+    pruner.save_pretrained(model, output, tokenizer, overwrite=args.overwrite,
+                           base_model=None if args.base == DEFAULT_MODEL else args.base)
+    print(plan.summary())
+    print(f"experts per layer: {json.dumps({str(k): v for k, v in plan.experts_per_layer.items()})}")
+    for layer, clusters in plan.clusters.items():
+        merged = [c for c in clusters if len(c) > 1]
+        print(f"  layer {layer}: {plan.num_experts_before[layer]} -> {len(clusters)}" +
+              (f"  merged {merged}" if merged else ""))
+    params_after = count_parameters(model)
+    print(f"parameters: {params_before:,} -> {params_after:,} ({params_after / params_before:.3f}x)")
+    if bytes_before:
+        bytes_after = folder_bytes(output)
+        print(f"weights on disk: {bytes_before / 1e6:.2f} MB -> {bytes_after / 1e6:.2f} MB "
+              f"({bytes_after / bytes_before:.3f}x)")
+    for domain in before:
+        print(f"held-out perplexity [{domain}]: {before[domain]:.2f} -> {after[domain]:.2f} "
+              f"({after[domain] / before[domain]:.3f}x)")
+    print(f"pruning took {elapsed:.1f}s; wrote {output} (model card: {output / 'README.md'})")
+    if args.push_to_hub:
+        pruner.push_to_hub(model, args.push_to_hub, tokenizer)
+        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoint import read_config_json, read_plan
+
+    config = read_config_json(args.path)
+    layout = (config.get("quantization_config") or {}).get("pruned_layout")
+    print(f"model_type: {config.get('model_type')}")
+    if not layout:
+        print("not pruned by optimum-grape (no 'grape' quantization_config)")
+        return 0
+    before = layout.get("num_experts_before", {})
+    print(f"method: {layout.get('method')}")
+    print("layer  before  after")
+    for layer, count in layout["experts_per_layer"].items():
+        print(f"{int(layer):5d}  {before.get(layer, '?'):>6}  {count:>5}")
+    plan = read_plan(args.path)
+    if plan is not None:
+        print(plan.summary())
+    print(f"num_local_experts_per_layer: {config.get('num_local_experts_per_layer')}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+
+    for name, method in sorted(METHODS.items()):
+        print(f"{name:13s} allocations={list(method.allocations)} default={method.default_allocation} "
+              f"merge={method.default_merge} needs={sorted(method.needs) or ['routing']}  [{method.reference}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimum-grape",
+        description="Remove redundant experts from a Mixture-of-Experts model (GRAPE, C-Prune and baselines) "
+                    "and save a checkpoint that loads with transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prune = sub.add_parser("prune", help="calibrate, plan, merge and save a pruned model",
+                           description="Prune BASE (a local model folder or Hub id already in the cache, or "
+                                       "'default' for the small Mixtral shipped with optimum-grape).")
+    prune.add_argument("base", help="model folder, cached Hub id, or 'default'")
+    prune.add_argument("--output", "-o", required=True, help="folder to write (must not exist or be empty)")
+    budget = prune.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, default=None, help="fraction of routed experts to remove (default 0.25)")
+    budget.add_argument("--num-experts-to-prune", type=int, default=None, help="exact number of experts to remove")
+    prune.add_argument("--method", default="grape", help="pruning method (see `optimum-grape methods`)")
+    prune.add_argument("--allocation", choices=["global", "uniform"], default=None,
+                       help="global: one budget where redundancy is; uniform: same cut per layer")
+    prune.add_argument("--similarity", choices=["cka", "cosine", "mse"], default="cka")
+    prune.add_argument("--merge", choices=["weighted", "drop"], default=None)
+    prune.add_argument("--router", choices=["representative", "mean"], default="representative")
+    prune.add_argument("--entropy-tolerance", type=float, default=0.1, help="GRAPE gamma in [0, 1]")
+    prune.add_argument("--min-experts-per-layer", type=int, default=1)
+    prune.add_argument("--dataset", default=None, help="calibration text file or saved datasets folder "
+                                                        "(default: the shipped calibration text)")
+    prune.add_argument("--num-samples", type=int, default=64)
+    prune.add_argument("--sequence-length", type=int, default=256)
+    prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--max-tokens-per-layer", type=int, default=512)
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--method-kwargs", default=None, help="JSON object of method-specific hyperparameters")
+    prune.add_argument("--plan", default=None, help="apply this plan JSON instead of calibrating")
+    prune.add_argument("--save-stats", default=None, help="also write calibration statistics (.safetensors)")
+    prune.add_argument("--evaluate", action="store_true", help="held-out perplexity before and after")
+    prune.add_argument("--eval-tokens", type=int, default=8192, help="tokens per held-out domain to score")
+    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo")
+    prune.add_argument("--trust-remote-code", action="store_true")
+    prune.set_defaults(func=cmd_prune)
+    inspect = sub.add_parser("inspect", help="show the MoE layout of a pruned checkpoint")
+    inspect.add_argument("path")
+    inspect.set_defaults(func=cmd_inspect)
+    methods = sub.add_parser("methods", help="list the registered pruning methods")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "ratio", None) is None and getattr(args, "num_experts_to_prune", None) is None \
+            and args.command == "prune":
+        args.ratio = 0.25
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except GrapeError as err:
+        print(f"optimum-grape: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""`GrapeConfig`: every user-facing knob of a pruning job, validated, and serialisable to JSON.
+
+It doubles as a transformers quantization config (`quant_method="grape"`), which is how a pruned
+checkpoint carries its per-layer expert counts in `config.json` (DESIGN.md decision 4) and how
+`from_pretrained(..., quantization_config=GrapeConfig(...))` prunes on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import GrapeConfigError
+
+ALLOCATIONS = ("global", "uniform")
+SIMILARITIES = ("cka", "cosine", "mse")
+MERGE_MODES = ("weighted", "drop")
+ROUTER_MODES = ("representative", "mean")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise GrapeConfigError(f"GrapeConfig.{name}={value!r} is not one of {list(allowed)}; pick one of those.")
+
+
+@dataclass
+class GrapeConfig(QuantizationConfigMixin):
+    """How to prune the routed experts of an MoE model.
+
+    Exactly one of `pruning_ratio` and `num_experts_to_prune` sets the budget, counted over the
+    routed experts of all MoE layers together.
+    """
+
+    quant_method: str = field(default="grape", metadata={"help": "Fixed; names this config to transformers."})
+    method: str = field(default="grape", metadata={"help": "Registered method: see optimum_grape.list_methods()."})
+    pruning_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of all routed experts to remove, in (0, 1)."}
+    )
+    num_experts_to_prune: int | None = field(
+        default=None, metadata={"help": "Exact number of routed experts to remove in total (>= 1)."}
+    )
+    allocation: str | None = field(
+        default=None,
+        metadata={"help": "'global': one budget spent where redundancy is (GRAPE); 'uniform': same cut per layer. "
+                  "None: the method's default (global for grape and cprune, uniform for the local baselines)."},
+    )
+    similarity: str = field(
+        default="cka", metadata={"help": "Expert-output similarity: 'cka' (linear CKA), 'cosine' or 'mse'."}
+    )
+    # The paper gives no value for gamma; 0.1 is what a third-party port used (RESEARCH.md).
+    entropy_tolerance: float = field(
+        default=0.1, metadata={"help": "GRAPE's gamma in [0, 1]: allowed relative drop of the allocation entropy."}
+    )
+    min_experts_per_layer: int = field(
+        default=1, metadata={"help": "Floor on experts kept per MoE layer; the router's top-k is always a floor too."}
+    )
+    merge: str | None = field(
+        default=None,
+        metadata={"help": "'weighted': routing-frequency-weighted average into the representative; 'drop': keep it "
+                  "only. None: the method's default (weighted for merging methods, drop for pruning ones)."},
+    )
+    router: str = field(
+        default="representative",
+        metadata={"help": "Router row of a merged expert: the 'representative' row or the 'mean' of the cluster's rows."},
+    )
+    dataset: Any = field(
+        default=None,
+        metadata={"help": "Calibration text: a local .txt file, a saved `datasets` folder, or a list of strings. "
+                  "None uses the calibration text shipped with optimum-grape."},
+    )
+    num_samples: int = field(default=64, metadata={"help": "Calibration sequences."})
+    sequence_length: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per calibration forward pass."})
+    # Bounds the similarity pass: every expert runs on this many sampled tokens of its layer.
+    max_tokens_per_layer: int = field(
+        default=512, metadata={"help": "Tokens per layer on which every expert is run to compare experts."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for token sampling and randomised methods."})
+    method_kwargs: dict = field(default_factory=dict, metadata={"help": "Method-specific hyperparameters."})
+    # Written by the pruner, never by users: what the checkpoint's MoE layers look like after pruning.
+    pruned_layout: dict | None = field(
+        default=None, metadata={"help": "Set by the pruner: per-layer expert counts and clusters of a pruned model."}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.quant_method != "grape":
+            raise GrapeConfigError(f"GrapeConfig.quant_method must be 'grape', got {self.quant_method!r}.")
+        if self.pruned_layout is None:
+            self._validate_budget()
+        from .methods import get_method, resolve_allocation  # methods import config: resolve lazily
+
+        resolve_allocation(get_method(self.method), self.allocation)
+        if self.allocation is not None:
+            _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("similarity", self.similarity, SIMILARITIES)
+        if self.merge is not None:
+            _choice("merge", self.merge, MERGE_MODES)
+        _choice("router", self.router, ROUTER_MODES)
+        if not 0.0 <= float(self.entropy_tolerance) <= 1.0:
+            raise GrapeConfigError(
+                f"GrapeConfig.entropy_tolerance={self.entropy_tolerance} is outside [0, 1]; 0.1 is a good start."
+            )
+        for name, low in (("min_experts_per_layer", 1), ("num_samples", 1), ("sequence_length", 2),
+                          ("batch_size", 1), ("max_tokens_per_layer", 8)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise GrapeConfigError(f"GrapeConfig.{name}={value!r} must be an integer >= {low}.")
+        if not isinstance(self.method_kwargs, dict):
+            raise GrapeConfigError(f"GrapeConfig.method_kwargs must be a dict, got {type(self.method_kwargs).__name__}.")
+
+    def _validate_budget(self) -> None:
+        ratio, count = self.pruning_ratio, self.num_experts_to_prune
+        if (ratio is None) == (count is None):
+            raise GrapeConfigError(
+                "Set exactly one budget: GrapeConfig(pruning_ratio=0.25) or GrapeConfig(num_experts_to_prune=N); "
+                f"got pruning_ratio={ratio!r}, num_experts_to_prune={count!r}."
+            )
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+            raise GrapeConfigError(f"GrapeConfig.pruning_ratio={ratio!r} is outside (0, 1); e.g. 0.25 removes a quarter.")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise GrapeConfigError(f"GrapeConfig.num_experts_to_prune={count!r} must be an integer >= 1.")
+
+    def budget_for(self, total_routed_experts: int) -> int:
+        """Number of experts to remove from a model with this many routed experts in all."""
+        if self.num_experts_to_prune is not None:
+            return self.num_experts_to_prune
+        return int(round(self.pruning_ratio * total_routed_experts))
+
+    # Serialisation: plain JSON types only, so that to_dict -> from_dict round-trips exactly.
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: json.loads(json.dumps(getattr(self, f.name))) for f in fields(self)}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise GrapeConfigError(f"Unknown GrapeConfig fields {unknown}; known fields are {sorted(known)}.")
+        config = cls(**config_dict)
+        unused = {}
+        for key, value in kwargs.items():
+            if key in known:
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        return (config, unused) if return_unused_kwargs else config
+
+    @classmethod
+    def from_json(cls, text: str) -> "GrapeConfig":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,29 @@
+"""The one error hierarchy of optimum-grape.
+
+Every error says the offending value, the allowed range and the fix, and is raised before
+calibration whenever the problem can be seen from the config and the model alone.
+"""
+
+
+class GrapeError(Exception):
+    """Base class of every error raised by optimum-grape."""
+
+
+class GrapeConfigError(GrapeError, ValueError):
+    """A `GrapeConfig` field, or a combination of fields, is invalid."""
+
+
+class UnsupportedModelError(GrapeError, ValueError):
+    """The model is dense, or its MoE family has no adapter."""
+
+
+class BudgetError(GrapeError, ValueError):
+    """The pruning budget cannot be met without breaking a per-layer floor."""
+
+
+class CalibrationDataError(GrapeError, ValueError):
+    """The calibration data is empty, malformed, or needs a tokenizer that was not given."""
+
+
+class CheckpointError(GrapeError, OSError):
+    """Saving or loading a pruned checkpoint would lose or corrupt data."""

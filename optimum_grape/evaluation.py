@@ -1,0 +1,65 @@
+"""Measuring a model before and after pruning, offline: perplexity (token-weighted, fixed
+non-overlapping windows, from the model's own loss; `evaluate.load("perplexity")` needs the Hub)
+and size figures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, window: int = 256, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `token_ids` (1-D), every predicted
+    token weighted equally; a final partial window is scored too."""
+    ids = torch.as_tensor(token_ids).flatten()
+    if ids.numel() < 2:
+        raise ValueError(f"Perplexity needs at least 2 tokens, got {ids.numel()}.")
+    device = next(model.parameters()).device
+    windows = list(ids.split(window))
+    if windows[-1].numel() < 2:
+        windows.pop()
+    total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(windows), batch_size):
+            group = windows[start:start + batch_size]
+            for chunk in _same_length_groups(group):
+                batch = torch.stack(chunk).to(device)
+                logits = model(input_ids=batch, use_cache=False).logits.float()
+                nll = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+                total_nll += float(nll)
+                total_tokens += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+def _same_length_groups(windows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[int, list[torch.Tensor]] = {}
+    for w in windows:
+        groups.setdefault(w.numel(), []).append(w)
+    return list(groups.values())
+
+
+def text_token_ids(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def folder_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+
+
+def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || pruned) of next-token distributions."""
+    ref = torch.log_softmax(reference_logits.double(), dim=-1)
+    new = torch.log_softmax(logits.double(), dim=-1)
+    return float((ref.exp() * (ref - new)).sum(-1).mean())

@@ -1,0 +1,92 @@
+"""The method protocol and its registry: every way of choosing experts produces clusters in the
+same form, so every method can be compared under the same budget and plan format."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import GrapeConfigError
+from ..stats import ExpertStats
+
+# What a method may ask calibration to record beyond routing counts, weight mass and saliency
+# (always recorded: they come free with the forward pass).
+NEEDS = frozenset({"similarity", "mean_output", "router_logits", "expert_outputs"})
+
+
+class PruningMethod:
+    """Subclass, set the class attributes, implement `cluster`, and `register_method(...)` it."""
+
+    name: str = ""
+    needs: frozenset[str] = frozenset()
+    allocations: tuple[str, ...] = ("global", "uniform")
+    default_allocation: str = "uniform"
+    default_merge: str = "drop"
+    reference: str = ""
+
+    def cluster(self, stats: ExpertStats, budget: int, floors: dict[int, int], allocation: str,
+                config) -> tuple[dict[int, list[list[int]]], dict]:
+        """Clusters of original expert ids per layer (any order) plus metadata for the plan."""
+        raise NotImplementedError
+
+    def check(self, stats_shape: dict[int, int], config) -> None:
+        """Refuse, before calibration, a configuration this method cannot run (default: accept)."""
+
+
+METHODS: dict[str, PruningMethod] = {}
+
+
+def register_method(method: PruningMethod) -> PruningMethod:
+    if not method.name:
+        raise ValueError("A pruning method needs a name.")
+    if method.name in METHODS:
+        raise ValueError(f"Pruning method {method.name!r} is already registered.")
+    unknown = set(method.needs) - NEEDS
+    if unknown:
+        raise ValueError(f"Method {method.name!r} needs unknown statistics {sorted(unknown)}; known: {sorted(NEEDS)}.")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> PruningMethod:
+    if name not in METHODS:
+        raise GrapeConfigError(f"GrapeConfig.method={name!r} is not a registered method; choose one of {list_methods()}.")
+    return METHODS[name]
+
+
+def list_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def resolve_allocation(method: PruningMethod, requested: str | None) -> str:
+    allocation = requested or method.default_allocation
+    if allocation not in method.allocations:
+        raise GrapeConfigError(
+            f"allocation={allocation!r} does not apply to method {method.name!r}, which supports "
+            f"{list(method.allocations)}; set allocation to one of those."
+        )
+    return allocation
+
+
+def attach_dropped(kept: dict[int, list[int]], stats: ExpertStats) -> dict[int, list[list[int]]]:
+    """Turn a per-layer set of kept experts into a partition: each removed expert joins the kept
+    expert whose router row is most alike (the one its tokens most likely go to now). Under
+    merge='drop' it simply disappears; under merge='weighted' it is averaged in."""
+    out = {}
+    for layer, keep in kept.items():
+        st = stats.layers[layer]
+        clusters = {k: [k] for k in sorted(keep)}
+        for e in range(st.num_experts):
+            if e in clusters:
+                continue
+            target = _nearest(e, sorted(keep), st)
+            clusters[target].append(e)
+        out[layer] = list(clusters.values())
+    return out
+
+
+def _nearest(expert: int, keep: list[int], st) -> int:
+    """Most similar kept expert: by output similarity when measured, else by router-row cosine."""
+    if st.similarity is not None:
+        return max(keep, key=lambda k: (float(st.similarity[expert, k]), -k))
+    rows = torch.nn.functional.normalize(st.router_weight.double(), dim=-1)
+    return max(keep, key=lambda k: (float(rows[expert] @ rows[k]), -k))

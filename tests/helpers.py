@@ -1,0 +1,40 @@
+"""Test helpers: logits from a checkpoint computed in a fresh Python process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PROBE = torch.arange(2 * 12).reshape(2, 12) % 90
+
+
+def logits_in_fresh_process(folder: Path, use_plugin: bool = True) -> torch.Tensor:
+    """Load `folder` in a new interpreter (optionally without importing optimum_grape) and return
+    its logits on PROBE."""
+    folder = Path(folder)
+    probe_file, out_file = folder.parent / "probe.safetensors", folder.parent / "logits.safetensors"
+    save_file({"ids": PROBE.contiguous()}, str(probe_file))
+    code = textwrap.dedent(f"""
+        import torch
+        {'import optimum_grape' if use_plugin else ''}
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()
+        ids = load_file({str(probe_file)!r})["ids"]
+        with torch.no_grad():
+            save_file({{"logits": model(ids).logits.contiguous()}}, {str(out_file)!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise AssertionError(f"fresh-process load failed:\n{result.stderr[-3000:]}")
+    return load_file(str(out_file))["logits"]
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model(PROBE).logits

@@ -1,0 +1,166 @@
+"""End to end on tiny models of each core family: calibrate -> plan -> apply -> save -> reload."""
+
+import json
+
+import pytest
+import torch
+
+from factories import FAMILIES, plant_copies, random_token_batches, tiny_model
+from helpers import PROBE, logits, logits_in_fresh_process
+from optimum_grape import ExpertStats, GrapeConfig, GrapePruner, PruningPlan
+from optimum_grape.adapters import find_moe_layers
+from optimum_grape.evaluation import mean_kl
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+def small_config(**kwargs):
+    defaults = dict(num_samples=8, sequence_length=32, batch_size=4, max_tokens_per_layer=128)
+    defaults.update(kwargs)
+    return GrapeConfig(**defaults)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_keep_all_is_bit_exact_identity(family):
+    model = tiny_model(family)
+    before = logits(model)
+    _, layers = find_moe_layers(model)
+    plan = PruningPlan(clusters={l.index: [[e] for e in range(l.num_experts)] for l in layers},
+                       num_experts_before={l.index: l.num_experts for l in layers})
+    GrapePruner(small_config(num_experts_to_prune=1)).apply(model, plan)
+    assert torch.equal(logits(model), before)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_prune_save_reload_in_fresh_process(family, tmp_path):
+    model = tiny_model(family)
+    pruner = GrapePruner(small_config(pruning_ratio=0.25))
+    stats = pruner.calibrate(model, random_token_batches())
+    plan = pruner.plan(stats)
+    assert plan.num_removed == 8
+    pruner.apply(model, plan)
+    # every count the forward reads agrees with the tensors
+    adapter, layers = find_moe_layers(model)
+    for layer in layers:
+        n = plan.experts_per_layer[layer.index]
+        assert layer.experts.num_experts == n and layer.router.num_experts == n
+        assert layer.experts.gate_up_proj.shape[0] == n and layer.router.weight.shape[0] == n
+    expected = logits(model)
+    model.generate(PROBE[:1, :4], max_new_tokens=3, do_sample=False)
+    out = pruner.save_pretrained(model, tmp_path / "pruned")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "grape"
+    assert [c for c in config["num_local_experts_per_layer"]] == [plan.experts_per_layer[i] for i in range(4)]
+    assert PruningPlan.from_json((out / "grape_plan.json").read_text()).clusters == plan.clusters
+    card = (out / "README.md").read_text()
+    assert "base_model" in card or "library_name: transformers" in card
+    assert "experts before" in card and "import optimum_grape" in card
+    assert torch.allclose(logits_in_fresh_process(out), expected, atol=1e-5)
+
+
+def test_uniform_counts_reload_without_the_plugin(tmp_path):
+    model = tiny_model("mixtral")
+    pruner = GrapePruner(small_config(pruning_ratio=0.25, allocation="uniform"))
+    pruner.prune(model, random_token_batches())
+    assert set(pruner.last_plan.experts_per_layer.values()) == {6}
+    expected = logits(model)
+    out = pruner.save_pretrained(model, tmp_path / "uniform")
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 6
+    assert torch.allclose(logits_in_fresh_process(out, use_plugin=False), expected, atol=1e-5)
+
+
+def test_model_save_pretrained_alone_writes_a_loadable_checkpoint(tmp_path):
+    model = tiny_model("olmoe")
+    GrapePruner(small_config(num_experts_to_prune=5)).prune(model, random_token_batches())
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "plain")
+    assert torch.allclose(logits_in_fresh_process(tmp_path / "plain"), expected, atol=1e-5)
+
+
+def test_stats_save_load_and_replan_is_identical(tmp_path):
+    model = tiny_model("mixtral")
+    pruner = GrapePruner(small_config(pruning_ratio=0.25))
+    stats = pruner.calibrate(model, random_token_batches())
+    stats.save(tmp_path / "stats.safetensors")
+    loaded = ExpertStats.load(tmp_path / "stats.safetensors")
+    assert loaded.metadata == stats.metadata
+    assert torch.equal(loaded.layers[1].similarity, stats.layers[1].similarity)
+    assert pruner.plan(loaded).to_json() == pruner.plan(stats).to_json()
+    assert PruningPlan.from_json(pruner.plan(stats).to_json()).to_json() == pruner.plan(stats).to_json()
+
+
+def test_calibration_leaves_the_model_unchanged():
+    model = tiny_model("qwen3_moe")
+    before = logits(model)
+    implementation = model.config._experts_implementation
+    GrapePruner(small_config(pruning_ratio=0.25)).calibrate(model, random_token_batches())
+    assert model.config._experts_implementation == implementation
+    assert torch.equal(logits(model), before)
+
+
+def test_calibration_records_routing_consistently():
+    model = tiny_model("mixtral")
+    batches = random_token_batches(n=8, length=32)
+    stats = GrapePruner(small_config(pruning_ratio=0.25)).calibrate(model, batches)
+    for layer in stats.layers.values():
+        assert float(layer.tokens.sum()) == 8 * 32 * 2  # every token routed to top_k = 2 experts
+        assert float(layer.weight_mass.sum()) == pytest.approx(8 * 32, rel=1e-5)  # renormalised top-k
+        assert layer.similarity.shape == (8, 8) and (layer.saliency >= 0).all()
+
+
+def test_text_calibration_with_a_real_tokenizer(tokenizer):
+    model = tiny_model("mixtral")
+    texts = ["The Congress shall have power to lay and collect taxes.", "In the beginning was the Word.",
+             "Return a new sorted list from the items in iterable."] * 10
+    stats = GrapePruner(small_config(pruning_ratio=0.25)).calibrate(model, texts, tokenizer=tokenizer)
+    assert stats.metadata["num_tokens"] > 0
+
+
+def planted_model():
+    model = tiny_model("mixtral", layers=4, experts=8, seed=3)
+    plant_copies(model, layer=2, copies=[0, 1, 2, 3, 4, 5])
+    return model
+
+
+def test_grape_merges_only_planted_copies_in_their_layer():
+    model = planted_model()
+    pruner = GrapePruner(small_config(num_experts_to_prune=3))
+    plan = pruner.plan(pruner.calibrate(model, random_token_batches(n=16)))
+    for layer, clusters in plan.clusters.items():
+        merged = [c for c in clusters if len(c) > 1]
+        if layer == 2:
+            assert all(set(c) <= set(range(6)) for c in merged) and plan.experts_per_layer[2] == 5
+        else:
+            assert merged == []
+
+
+def test_global_budget_beats_uniform_on_planted_redundancy():
+    held_out = torch.stack(random_token_batches(n=8, length=32, seed=7))
+    reference = planted_model()
+    with torch.no_grad():
+        ref_logits = reference(held_out).logits
+    deviation = {}
+    for allocation in ("global", "uniform"):
+        model = planted_model()
+        GrapePruner(small_config(num_experts_to_prune=4, allocation=allocation)).prune(
+            model, random_token_batches(n=16))
+        with torch.no_grad():
+            deviation[allocation] = mean_kl(ref_logits, model(held_out).logits)
+    assert deviation["global"] * 3 < deviation["uniform"], deviation
+
+
+def test_prune_on_load_through_quantization_config(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from optimum_grape.modeling import GrapeModelForCausalLM
+
+    base = tmp_path / "base"
+    tiny_model("mixtral").save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=small_config(pruning_ratio=0.25))
+    assert sum(l.num_experts for l in find_moe_layers(model)[1]) == 24
+    wrapped = GrapeModelForCausalLM.from_pretrained(base, pruning_config=small_config(pruning_ratio=0.25))
+    assert sum(l.num_experts for l in find_moe_layers(wrapped)[1]) == 24
+    assert torch.allclose(logits(model), logits(wrapped), atol=1e-5)
+    model.save_pretrained(tmp_path / "onload")
+    assert torch.allclose(logits_in_fresh_process(tmp_path / "onload"), logits(model), atol=1e-5)

@@ -6,11 +6,13 @@ The only module that changes a model: tensors through the family adapter, counts
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
 
 from .adapters import MoEAdapter, find_moe_layers
+from .algorithms.merging import router_weights
 from .errors import GrapeError
 from .plan import PruningPlan
 
@@ -42,8 +44,20 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None) -> None:
                 f"Layer {index} has {layer.num_experts} experts but the plan was made for "
                 f"{plan.num_experts_before[index]}: apply a plan to the model it was planned on, unpruned."
             )
-        weights = plan.merge_weights.get(index) or [[1.0] + [0.0] * (len(c) - 1) for c in clusters]
-        adapter.apply_clusters(layer, clusters, weights, plan.router)
+        one_hot = [[1.0] + [0.0] * (len(c) - 1) for c in clusters]
+        weights = plan.merge_weights.get(index) or one_hot
+        routers = plan.router_weights.get(index) or router_weights(clusters, plan.router)
+        overrides = adapter.routing_overrides(layer, len(clusters))  # asked before the layer changes
+        adapter.apply_clusters(layer, clusters, weights, routers)
+        if overrides:
+            adapter.apply_routing_overrides(layer, overrides)
+            plan.metadata.setdefault("routing_overrides", {})[str(index)] = overrides
+    if plan.metadata.get("routing_overrides"):
+        changed = plan.metadata["routing_overrides"]
+        logger.warning("%d layer(s) keep expert counts their grouped router cannot split (%s): routing there falls "
+                       "back as recorded in the plan, config and model card: %s", len(changed),
+                       ", ".join(f"layer {l}: {plan.experts_per_layer[int(l)]}" for l in changed),
+                       next(iter(changed.values())))
     record_layout(model, adapter, plan, pruning_config)
     logger.info("Applied plan. %s", plan.summary())
 
@@ -61,15 +75,23 @@ def record_layout(model, adapter: MoEAdapter, plan: PruningPlan, pruning_config=
     num_layers = getattr(config, "num_hidden_layers", max(counts) + 1)
     config.num_local_experts_per_layer = [counts.get(i) for i in range(num_layers)]
     distinct = set(counts.values())
-    if len(distinct) == 1:
+    if len(distinct) == 1 and adapter.count_key:
         # Uniform counts: the native key is enough for plain transformers to rebuild the shapes.
         setattr(config, adapter.count_key, distinct.pop())
+        overrides = plan.metadata.get("routing_overrides") or {}
+        same = {json.dumps(v, sort_keys=True) for v in overrides.values()}
+        if len(overrides) == len(counts) and len(same) == 1:
+            for key, value in next(iter(overrides.values())).items():  # e.g. n_group=1 in every layer
+                setattr(config, key, value)
 
 
 def resize_to_layout(model, layout: dict) -> None:
     """Shrink the MoE layers of a freshly built (meta) model to a checkpoint's per-layer counts."""
     adapter, layers = find_moe_layers(model)
     counts = {int(k): int(v) for k, v in layout["experts_per_layer"].items()}
+    overrides = {int(k): v for k, v in (layout.get("routing_overrides") or {}).items()}
     for layer in layers:
         if layer.index in counts and counts[layer.index] != layer.num_experts:
             adapter.resize_empty(layer, counts[layer.index])
+        if overrides.get(layer.index):
+            adapter.apply_routing_overrides(layer, overrides[layer.index])

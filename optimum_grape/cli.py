@@ -169,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--allocation", choices=["global", "uniform"], default=None,
                        help="global: one budget where redundancy is; uniform: same cut per layer")
     prune.add_argument("--similarity", choices=["cka", "cosine", "mse"], default="cka")
-    prune.add_argument("--merge", choices=["weighted", "drop"], default=None)
-    prune.add_argument("--router", choices=["representative", "mean"], default="representative")
+    prune.add_argument("--merge", choices=["weighted", "drop", "affinity"], default=None,
+                       help="how a cluster becomes one expert (default: the method's own)")
+    prune.add_argument("--router", choices=["representative", "mean"], default=None,
+                       help="router row of a merged expert (default: the method's own)")
     prune.add_argument("--entropy-tolerance", type=float, default=0.1, help="GRAPE gamma in [0, 1]")
     prune.add_argument("--min-experts-per-layer", type=int, default=1)
     prune.add_argument("--dataset", default=None, help="calibration text file or saved datasets folder "

@@ -17,7 +17,7 @@ from .errors import GrapeConfigError
 
 ALLOCATIONS = ("global", "uniform")
 SIMILARITIES = ("cka", "cosine", "mse")
-MERGE_MODES = ("weighted", "drop")
+MERGE_MODES = ("weighted", "drop", "affinity")
 ROUTER_MODES = ("representative", "mean")
 
 
@@ -60,11 +60,12 @@ class GrapeConfig(QuantizationConfigMixin):
     merge: str | None = field(
         default=None,
         metadata={"help": "'weighted': routing-frequency-weighted average into the representative; 'drop': keep it "
-                  "only. None: the method's default (weighted for merging methods, drop for pruning ones)."},
+                  "only; 'affinity': C-Prune's softmax(gamma A) weights (cprune only). None: the method's default."},
     )
-    router: str = field(
-        default="representative",
-        metadata={"help": "Router row of a merged expert: the 'representative' row or the 'mean' of the cluster's rows."},
+    router: str | None = field(
+        default=None,
+        metadata={"help": "Router row of a merged expert: the 'representative' row or the 'mean' of the cluster's "
+                  "rows. None: the method's default (mean for cprune, representative otherwise)."},
     )
     dataset: Any = field(
         default=None,
@@ -93,15 +94,18 @@ class GrapeConfig(QuantizationConfigMixin):
             raise GrapeConfigError(f"GrapeConfig.quant_method must be 'grape', got {self.quant_method!r}.")
         if self.pruned_layout is None:
             self._validate_budget()
-        from .methods import get_method, resolve_allocation  # methods import config: resolve lazily
+        from .methods import get_method, resolve_allocation, resolve_merge  # methods import config: resolve lazily
 
         resolve_allocation(get_method(self.method), self.allocation)
+        if self.merge is not None:
+            resolve_merge(get_method(self.method), self.merge)
         if self.allocation is not None:
             _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("similarity", self.similarity, SIMILARITIES)
         if self.merge is not None:
             _choice("merge", self.merge, MERGE_MODES)
-        _choice("router", self.router, ROUTER_MODES)
+        if self.router is not None:
+            _choice("router", self.router, ROUTER_MODES)
         if not 0.0 <= float(self.entropy_tolerance) <= 1.0:
             raise GrapeConfigError(
                 f"GrapeConfig.entropy_tolerance={self.entropy_tolerance} is outside [0, 1]; 0.1 is a good start."

@@ -17,6 +17,7 @@ class PruningPlan:
     clusters: dict[int, list[list[int]]]
     num_experts_before: dict[int, int]
     merge_weights: dict[int, list[list[float]]] = field(default_factory=dict)
+    router_weights: dict[int, list[list[float]]] = field(default_factory=dict)
     method: str = "grape"
     router: str = "representative"
     metadata: dict = field(default_factory=dict)
@@ -25,6 +26,7 @@ class PruningPlan:
         self.clusters = {int(k): [list(map(int, c)) for c in v] for k, v in self.clusters.items()}
         self.num_experts_before = {int(k): int(v) for k, v in self.num_experts_before.items()}
         self.merge_weights = {int(k): [list(map(float, w)) for w in v] for k, v in self.merge_weights.items()}
+        self.router_weights = {int(k): [list(map(float, w)) for w in v] for k, v in self.router_weights.items()}
         self.validate()
 
     def validate(self) -> None:
@@ -36,9 +38,10 @@ class PruningPlan:
                     f"Plan layer {layer}: clusters must partition experts 0..{expected[-1]} exactly once; "
                     f"got {clusters}."
                 )
-            weights = self.merge_weights.get(layer)
-            if weights is not None and [len(w) for w in weights] != [len(c) for c in clusters]:
-                raise GrapeError(f"Plan layer {layer}: merge_weights do not match the clusters' sizes.")
+            for name in ("merge_weights", "router_weights"):
+                weights = getattr(self, name).get(layer)
+                if weights is not None and [len(w) for w in weights] != [len(c) for c in clusters]:
+                    raise GrapeError(f"Plan layer {layer}: {name} do not match the clusters' sizes.")
 
     @property
     def experts_per_layer(self) -> dict[int, int]:
@@ -67,6 +70,7 @@ class PruningPlan:
             "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
             "clusters": {str(k): v for k, v in sorted(self.clusters.items())},
             "merge_weights": {str(k): v for k, v in sorted(self.merge_weights.items())},
+            "router_weights": {str(k): v for k, v in sorted(self.router_weights.items())},
             "metadata": self.metadata,
         }
 

@@ -17,12 +17,12 @@ from tqdm.auto import tqdm
 
 from .adapters import find_moe_layers
 from .algorithms.budget import check_budget
-from .algorithms.merging import cluster_weights, order_clusters
+from .algorithms.merging import cluster_weights, order_clusters, router_weights
 from .apply import apply_plan
 from .calibration import calibration_batches, load_calibration_data, recording
 from .config import GrapeConfig
 from .errors import GrapeError
-from .methods import get_method, resolve_allocation
+from .methods import get_method, resolve_allocation, resolve_merge
 from .plan import PruningPlan
 from .stats import ExpertStats
 
@@ -39,7 +39,8 @@ class GrapePruner:
         self.config = config
         self.method = get_method(config.method)
         self.allocation = resolve_allocation(self.method, config.allocation)
-        self.merge = config.merge or self.method.default_merge
+        self.merge = resolve_merge(self.method, config.merge)
+        self.router = config.router or self.method.default_router
         self.last_plan: PruningPlan | None = None
         self.evaluation: dict = {}
         self.timings: dict = {}
@@ -52,13 +53,16 @@ class GrapePruner:
         floors = {layer.index: max(adapter.layer_floor(layer), self.config.min_experts_per_layer)
                   for layer in layers}
         check_budget(num_experts, floors, self.config.budget_for(sum(num_experts.values())))
-        self.method.check(num_experts, self.config)
+        self.method.check(num_experts, self.config, floors)
         return floors
 
     # -- 1. measure -------------------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, model, data=None, tokenizer=None) -> ExpertStats:
-        """Run the calibration data through `model`, recording per layer and expert what the method needs."""
+    def calibrate(self, model, data=None, tokenizer=None, extra_needs=()) -> ExpertStats:
+        """Run the calibration data through `model`, recording per layer and expert what the method needs.
+
+        `extra_needs` records more (e.g. every method's needs, to compare methods on ONE calibration:
+        `extra_needs=optimum_grape.methods.NEEDS`)."""
         self.check(model)
         data = load_calibration_data(self.config.dataset if data is None else data)
         batches = calibration_batches(data, tokenizer, self.config.num_samples, self.config.sequence_length,
@@ -73,7 +77,7 @@ class GrapePruner:
                            self.config.seed) as recorders:
                 for batch in tqdm(batches, desc="GRAPE calibration", unit="batch", leave=False):
                     model(input_ids=batch.to(device), use_cache=False)
-            needs = self.method.needs
+            needs = frozenset(self.method.needs) | frozenset(extra_needs)
             layer_stats = {
                 layer.index: recorders[layer.index].finalize(needs, self.config.similarity, model.config,
                                                              adapter.layer_floor(layer))
@@ -85,7 +89,7 @@ class GrapePruner:
         self.timings["calibration_s"] = time.perf_counter() - start
         metadata = {"model_type": model.config.model_type, "num_tokens": num_tokens, "num_sequences":
                     sum(b.shape[0] for b in batches), "similarity": self.config.similarity,
-                    "needs": sorted(self.method.needs), "seed": self.config.seed}
+                    "needs": sorted(needs), "seed": self.config.seed}
         logger.info("GRAPE: calibrated %d MoE layers on %d tokens in %.1fs", len(layers), num_tokens,
                     self.timings["calibration_s"])
         return ExpertStats(layers=layer_stats, metadata=metadata)
@@ -102,15 +106,22 @@ class GrapePruner:
         check_budget(stats.num_experts, floors, budget)
         start = time.perf_counter()
         raw, metadata = self.method.cluster(stats, budget, floors, self.allocation, self.config)
-        clusters = {l: order_clusters(raw[l], stats.layers[l].tokens) for l in sorted(raw)}
-        weights = {l: cluster_weights(c, stats.layers[l].tokens, self.merge) for l, c in clusters.items()}
+        chosen = {int(l): list(r) for l, r in metadata.pop("representatives", {}).items()}
+        clusters, weights, routers = {}, {}, {}
+        for l in sorted(raw):
+            priority = stats.layers[l].tokens.double().clone()
+            priority[chosen.get(l, [])] += float(priority.abs().sum()) + 1.0  # a method's chosen keepers do
+            clusters[l] = order_clusters(raw[l], priority)
+            weights[l] = self.method.merge_weights(l, stats, clusters[l], self.merge, self.config) or \
+                cluster_weights(clusters[l], stats.layers[l].tokens, self.merge)
+            routers[l] = router_weights(clusters[l], self.router)
         self.timings["plan_s"] = time.perf_counter() - start
         metadata = {"allocation": self.allocation, "merge": self.merge, "budget": budget,
                     "similarity": self.config.similarity if "similarity" in self.method.needs else None,
                     "entropy_tolerance": self.config.entropy_tolerance, "floors": {str(k): v for k, v in floors.items()},
                     "calibration": stats.metadata, **metadata}
         plan = PruningPlan(clusters=clusters, num_experts_before=stats.num_experts, merge_weights=weights,
-                           method=self.method.name, router=self.config.router, metadata=metadata)
+                           router_weights=routers, method=self.method.name, router=self.router, metadata=metadata)
         if plan.num_removed != budget:
             raise GrapeError(f"Method {self.method.name!r} removed {plan.num_removed} experts, not the budget {budget}.")
         for layer, kept in plan.experts_per_layer.items():

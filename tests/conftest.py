@@ -6,10 +6,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One intra-op thread, here and in the fresh-process subprocesses (they inherit the environment):
+# the tiny test models gain nothing from more, and with a second thread on a busy 2-core machine a
+# forward pass measured 2.2 s instead of 0.012 s (OpenMP threads spinning against other processes).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

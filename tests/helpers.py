@@ -35,6 +35,31 @@ def logits_in_fresh_process(folder: Path, use_plugin: bool = True) -> torch.Tens
     return load_file(str(out_file))["logits"]
 
 
+def logits_of_many_in_one_process(folders: list[Path]) -> list[torch.Tensor]:
+    """Like logits_in_fresh_process for many checkpoints, paying for one interpreter start only."""
+    folders = [Path(f) for f in folders]
+    work = folders[0].parent
+    probe_file, out_file = work / "probe.safetensors", work / "many_logits.safetensors"
+    save_file({"ids": PROBE.contiguous()}, str(probe_file))
+    code = textwrap.dedent(f"""
+        import torch, optimum_grape
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        ids = load_file({str(probe_file)!r})["ids"]
+        out = {{}}
+        for i, folder in enumerate({[str(f) for f in folders]!r}):
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            with torch.no_grad():
+                out[str(i)] = model(ids).logits.contiguous()
+        save_file(out, {str(out_file)!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"fresh-process load failed:\n{result.stderr[-3000:]}")
+    loaded = load_file(str(out_file))
+    return [loaded[str(i)] for i in range(len(folders))]
+
+
 @torch.no_grad()
 def logits(model) -> torch.Tensor:
     return model(PROBE).logits

@@ -49,7 +49,10 @@ class MoEAdapter:
     """
 
     model_types: tuple[str, ...] = ()
-    count_key: str = "num_local_experts"  # native config key holding experts per layer
+    count_key: str | None = "num_local_experts"  # native config key holding experts per layer (None: none)
+    # How calibration observes routing: "experts_interface" (transformers' ExpertsInterface, fused
+    # experts) or "hooks" (forward hooks on the router, for experts in an nn.ModuleList).
+    calibration: str = "experts_interface"
 
     def find_layers(self, model: nn.Module) -> list[MoELayer]:
         raise NotImplementedError
@@ -72,9 +75,21 @@ class MoEAdapter:
         """Whether the routing of this layer accepts `count` experts (e.g. DeepSeek group divisibility)."""
         return count >= self.layer_floor(layer)
 
-    def apply_clusters(self, layer: MoELayer, clusters, weights, router_mode: str) -> None:
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights) -> None:
+        """Rewrite the layer so that kept expert c = sum_i weights[c][i] * expert clusters[c][i], and
+        router row c = sum_i router_weights[c][i] * row clusters[c][i]; update every count attribute."""
         raise NotImplementedError
 
     def resize_empty(self, layer: MoELayer, count: int) -> None:
         """Resize a freshly built (meta/empty) layer to `count` experts before weights are loaded."""
         raise NotImplementedError
+
+    def routing_overrides(self, layer: MoELayer, count: int) -> dict:
+        """Config-style routing settings this layer must change to work with `count` experts
+        (e.g. `{"n_group": 1, "topk_group": 1}` when groups no longer divide it); {} when none."""
+        return {}
+
+    def apply_routing_overrides(self, layer: MoELayer, overrides: dict) -> None:
+        """Set `overrides` (as returned by `routing_overrides`) on the layer's modules."""
+        if overrides:
+            raise NotImplementedError(f"{type(self).__name__} cannot apply routing overrides {overrides}.")

@@ -122,11 +122,7 @@ class FusedExpertsAdapter(MoEAdapter):
                         continue
                     setattr(module, attr, count)
 
-    def apply_clusters(self, layer: MoELayer, clusters, weights, router_mode: str) -> None:
-        if router_mode == "mean":
-            router_weights = [[1.0 / len(c)] * len(c) for c in clusters]
-        else:
-            router_weights = [[1.0] + [0.0] * (len(c) - 1) for c in clusters]
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights) -> None:
         self._rewrite(layer,
                       lambda t: combine_rows(t, clusters, weights),
                       lambda t: combine_rows(t, clusters, router_weights),
@@ -137,6 +133,13 @@ class FusedExpertsAdapter(MoEAdapter):
             return torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device)
 
         self._rewrite(layer, empty, empty, count)
+
+
+class StandardFusedAdapter(FusedExpertsAdapter):
+    """A registry line: standard fused experts under `model_types`, counted by config key `count_key`."""
+
+    def __init__(self, model_types: tuple[str, ...], count_key: str | None) -> None:
+        self.model_types, self.count_key = tuple(model_types), count_key
 
 
 class MixtralAdapter(FusedExpertsAdapter):

@@ -4,7 +4,7 @@ twin, as pure functions on similarity matrices.
 Gaps the paper leaves, closed as RESEARCH.md decides: (a) the pair's similarity is subtracted from
 R^l before it is cleared; (b) a pair already joined transitively is cleared and subtracted but is
 not a merge (union-find per layer); (c) no layer goes below its floor; (d) we stay in similarity
-form (argmax), and "clearing" is a mask, so negative similarities (MSE) cannot be picked twice.
+form (argmax), and "clearing" retires the pair, so negative similarities (MSE) cannot be picked twice.
 """
 
 from __future__ import annotations
@@ -42,24 +42,31 @@ class UnionFind:
 
 
 class _LayerState:
-    """Residual similarity of one layer: matrix, processed-pair mask, R^l and clusters."""
+    """Residual similarity of one layer: R^l, clusters, and its pairs in the order they are processed.
+
+    Clearing a processed pair never changes the other entries, so "the most similar open pair" is
+    simply the next pair in one descending sort of the upper triangle (a stable sort keeps argmax's
+    row-major tie-breaking). This makes each step O(1) instead of a scan of the E x E matrix.
+    """
 
     def __init__(self, sim: torch.Tensor) -> None:
         n = sim.shape[0]
-        self.sim = sim.double().clone()
-        self.open = ~torch.eye(n, dtype=torch.bool)  # pairs not yet processed
-        self.redundancy = float(self.sim[self.open].sum())  # R^l = sum_{i != j} D_ij (Eq. 11)
+        sim = sim.double()
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        values = sim[rows, cols]
+        order = torch.sort(values, descending=True, stable=True).indices
+        self.pairs = list(zip(rows[order].tolist(), cols[order].tolist(), values[order].tolist()))
+        self.next = 0
+        off_diagonal = ~torch.eye(n, dtype=torch.bool)
+        self.redundancy = float(sim[off_diagonal].sum())  # R^l = sum_{i != j} D_ij (Eq. 11)
         self.uf = UnionFind(n)
         self.count = n
 
     def step(self) -> tuple[int, int, float, bool]:
         """Process the most similar open pair; returns (i, j, s, merged)."""
-        masked = self.sim.masked_fill(~self.open, -math.inf)
-        flat = int(torch.argmax(masked))
-        i, j = divmod(flat, masked.shape[1])
-        s = float(self.sim[i, j])
-        self.redundancy -= 2 * s  # gap (a): subtract before clearing
-        self.open[i, j] = self.open[j, i] = False
+        i, j, s = self.pairs[self.next]
+        self.next += 1
+        self.redundancy -= 2 * s  # gap (a): subtract before clearing (D_ij and D_ji)
         merged = self.uf.union(i, j)
         if merged:
             self.count -= 1

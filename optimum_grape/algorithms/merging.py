@@ -21,14 +21,18 @@ def cluster_weights(clusters: list[list[int]], frequency: torch.Tensor | None, m
         if mode == "drop" or len(members) == 1:
             result.append([1.0] + [0.0] * (len(members) - 1))
             continue
-        if mode == "weighted" and frequency is not None:
-            mass = frequency[members].double()
-            total = float(mass.sum())
-            if total > 0:
-                result.append([float(m) / total for m in mass])
-                continue
-        result.append([1.0 / len(members)] * len(members))
+        mass = frequency[members].double() if (mode == "weighted" and frequency is not None) else None
+        if mass is None or float(mass.sum()) <= 0:
+            mass = torch.ones(len(members), dtype=torch.float64)
+        result.append((mass / mass.sum()).tolist())
     return result
+
+
+def router_weights(clusters: list[list[int]], mode: str) -> list[list[float]]:
+    """How each kept router row is formed: the representative's row, or the mean of the members' rows."""
+    if mode == "mean":
+        return cluster_weights(clusters, None, "mean")
+    return [[1.0] + [0.0] * (len(c) - 1) for c in clusters]
 
 
 def combine_rows(tensor: torch.Tensor, clusters: list[list[int]], weights: list[list[float]]) -> torch.Tensor:

@@ -107,6 +107,12 @@ def recording(model, adapter: MoEAdapter, layers: list[MoELayer], num_batches: i
     generator = torch.Generator().manual_seed(seed)
     per_call = max(1, math.ceil(max_tokens / max(1, num_batches)))
     recorders = {layer.index: LayerRecorder(adapter, layer, per_call, max_tokens, generator) for layer in layers}
+    if adapter.calibration == "hooks":  # experts outside ExpertsInterface (nn.ModuleList layout)
+        from .hooks import router_hooks
+
+        with router_hooks(model, adapter, layers, recorders):
+            yield recorders
+        return
     previous = model.config._experts_implementation
     for layer in layers:
         _RECORDERS[id(layer.experts)] = recorders[layer.index]

@@ -1,9 +1,14 @@
 """Registered pruning methods. Adding one: docs/methods.md, 'Adding a method'."""
 
-from .base import METHODS, PruningMethod, attach_dropped, get_method, list_methods, register_method, resolve_allocation
+from .base import (METHODS, NEEDS, PruningMethod, attach_dropped, get_method, list_methods, register_method,
+                   resolve_allocation, resolve_merge)
+from .baselines import EnumerateMethod, FrequencyMethod, LocalMergeMethod, RandomMethod, ReapMethod, RouterMergeMethod
+from .cprune import CPruneMethod
 from .grape import GrapeMethod
 
-register_method(GrapeMethod())
+for _method in (GrapeMethod(), CPruneMethod(), FrequencyMethod(), ReapMethod(), RouterMergeMethod(),
+                LocalMergeMethod(), EnumerateMethod(), RandomMethod()):
+    register_method(_method)
 
-__all__ = ["METHODS", "PruningMethod", "attach_dropped", "get_method", "list_methods", "register_method",
-           "resolve_allocation"]
+__all__ = ["METHODS", "NEEDS", "PruningMethod", "attach_dropped", "get_method", "list_methods", "register_method",
+           "resolve_allocation", "resolve_merge"]

@@ -21,15 +21,25 @@ class PruningMethod:
     allocations: tuple[str, ...] = ("global", "uniform")
     default_allocation: str = "uniform"
     default_merge: str = "drop"
+    merges: tuple[str, ...] = ("weighted", "drop")
+    default_router: str = "representative"
     reference: str = ""
 
     def cluster(self, stats: ExpertStats, budget: int, floors: dict[int, int], allocation: str,
                 config) -> tuple[dict[int, list[list[int]]], dict]:
-        """Clusters of original expert ids per layer (any order) plus metadata for the plan."""
+        """Clusters of original expert ids per layer (any order) plus metadata for the plan.
+
+        metadata["representatives"] = {layer: [ids]} names the expert that must represent (and, under
+        merge='drop', be the only survivor of) its cluster; otherwise the most-routed member does."""
         raise NotImplementedError
 
-    def check(self, stats_shape: dict[int, int], config) -> None:
+    def check(self, num_experts: dict[int, int], config, floors: dict[int, int] | None = None) -> None:
         """Refuse, before calibration, a configuration this method cannot run (default: accept)."""
+
+    def merge_weights(self, layer: int, stats: ExpertStats, clusters: list[list[int]], mode: str,
+                      config) -> list[list[float]] | None:
+        """Method-specific merge weights for `mode`; None means the standard ones (merging.cluster_weights)."""
+        return None
 
 
 METHODS: dict[str, PruningMethod] = {}
@@ -57,6 +67,16 @@ def list_methods() -> list[str]:
     return sorted(METHODS)
 
 
+def resolve_merge(method: PruningMethod, requested: str | None) -> str:
+    merge = requested or method.default_merge
+    if merge not in method.merges:
+        raise GrapeConfigError(
+            f"merge={merge!r} does not apply to method {method.name!r}, which supports {list(method.merges)}; "
+            "set merge to one of those."
+        )
+    return merge
+
+
 def resolve_allocation(method: PruningMethod, requested: str | None) -> str:
     allocation = requested or method.default_allocation
     if allocation not in method.allocations:
@@ -65,6 +85,11 @@ def resolve_allocation(method: PruningMethod, requested: str | None) -> str:
             f"{list(method.allocations)}; set allocation to one of those."
         )
     return allocation
+
+
+def keep_result(kept: dict[int, list[int]], stats: ExpertStats, metadata: dict | None = None):
+    """(clusters, metadata) for methods that choose experts to keep: kept ones represent their clusters."""
+    return attach_dropped(kept, stats), {**(metadata or {}), "representatives": kept}
 
 
 def attach_dropped(kept: dict[int, list[int]], stats: ExpertStats) -> dict[int, list[list[int]]]:

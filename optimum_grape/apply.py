@@ -48,7 +48,7 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None) -> None:
         weights = plan.merge_weights.get(index) or one_hot
         routers = plan.router_weights.get(index) or router_weights(clusters, plan.router)
         overrides = adapter.routing_overrides(layer, len(clusters))  # asked before the layer changes
-        adapter.apply_clusters(layer, clusters, weights, routers)
+        adapter.apply_clusters(layer, clusters, weights, routers, plan.align_neurons)
         if overrides:
             adapter.apply_routing_overrides(layer, overrides)
             plan.metadata.setdefault("routing_overrides", {})[str(index)] = overrides

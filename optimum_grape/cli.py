@@ -47,6 +47,7 @@ def _config_from_args(args):
         min_experts_per_layer=args.min_experts_per_layer, merge=args.merge, router=args.router,
         dataset=args.dataset, num_samples=args.num_samples, sequence_length=args.sequence_length,
         batch_size=args.batch_size, max_tokens_per_layer=args.max_tokens_per_layer, seed=args.seed,
+        align_neurons=not args.no_align,
         method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else {},
     )
 
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how a cluster becomes one expert (default: the method's own)")
     prune.add_argument("--router", choices=["representative", "mean"], default=None,
                        help="router row of a merged expert (default: the method's own)")
+    prune.add_argument("--no-align", action="store_true",
+                       help="average merged experts without first aligning their neurons")
     prune.add_argument("--entropy-tolerance", type=float, default=0.1, help="GRAPE gamma in [0, 1]")
     prune.add_argument("--min-experts-per-layer", type=int, default=1)
     prune.add_argument("--dataset", default=None, help="calibration text file or saved datasets folder "

@@ -62,6 +62,12 @@ class GrapeConfig(QuantizationConfigMixin):
         metadata={"help": "'weighted': routing-frequency-weighted average into the representative; 'drop': keep it "
                   "only; 'affinity': C-Prune's softmax(gamma A) weights (cprune only). None: the method's default."},
     )
+    # Averaging experts neuron-by-neuron without alignment mixes unrelated neurons (docs/methods.md).
+    align_neurons: bool = field(
+        default=True,
+        metadata={"help": "Before averaging a cluster, permute each member's intermediate neurons to match the "
+                  "representative (weight matching, Hungarian algorithm). No effect with merge='drop'."},
+    )
     router: str | None = field(
         default=None,
         metadata={"help": "Router row of a merged expert: the 'representative' row or the 'mean' of the cluster's "
@@ -115,6 +121,8 @@ class GrapeConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise GrapeConfigError(f"GrapeConfig.{name}={value!r} must be an integer >= {low}.")
+        if not isinstance(self.align_neurons, bool):
+            raise GrapeConfigError(f"GrapeConfig.align_neurons={self.align_neurons!r} must be True or False.")
         if not isinstance(self.method_kwargs, dict):
             raise GrapeConfigError(f"GrapeConfig.method_kwargs must be a dict, got {type(self.method_kwargs).__name__}.")
 

@@ -20,6 +20,7 @@ class PruningPlan:
     router_weights: dict[int, list[list[float]]] = field(default_factory=dict)
     method: str = "grape"
     router: str = "representative"
+    align_neurons: bool = False
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +67,7 @@ class PruningPlan:
         return {
             "method": self.method,
             "router": self.router,
+            "align_neurons": self.align_neurons,
             "num_experts_before": {str(k): v for k, v in sorted(self.num_experts_before.items())},
             "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
             "clusters": {str(k): v for k, v in sorted(self.clusters.items())},

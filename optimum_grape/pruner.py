@@ -121,7 +121,8 @@ class GrapePruner:
                     "entropy_tolerance": self.config.entropy_tolerance, "floors": {str(k): v for k, v in floors.items()},
                     "calibration": stats.metadata, **metadata}
         plan = PruningPlan(clusters=clusters, num_experts_before=stats.num_experts, merge_weights=weights,
-                           router_weights=routers, method=self.method.name, router=self.router, metadata=metadata)
+                           router_weights=routers, method=self.method.name, router=self.router,
+                           align_neurons=self.config.align_neurons and self.merge != "drop", metadata=metadata)
         if plan.num_removed != budget:
             raise GrapeError(f"Method {self.method.name!r} removed {plan.num_removed} experts, not the budget {budget}.")
         for layer, kept in plan.experts_per_layer.items():

@@ -75,9 +75,10 @@ class MoEAdapter:
         """Whether the routing of this layer accepts `count` experts (e.g. DeepSeek group divisibility)."""
         return count >= self.layer_floor(layer)
 
-    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights) -> None:
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False) -> None:
         """Rewrite the layer so that kept expert c = sum_i weights[c][i] * expert clusters[c][i], and
-        router row c = sum_i router_weights[c][i] * row clusters[c][i]; update every count attribute."""
+        router row c = sum_i router_weights[c][i] * row clusters[c][i]; update every count attribute.
+        With `align`, each averaged member's neurons are first permuted to match the representative's."""
         raise NotImplementedError
 
     def resize_empty(self, layer: MoELayer, count: int) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..algorithms.alignment import match_neurons, paired_index
 from ..algorithms.merging import combine_rows
 from ..errors import UnsupportedModelError
 from .base import MoEAdapter, MoELayer, RoutingSpec
@@ -103,11 +104,12 @@ class FusedExpertsAdapter(MoEAdapter):
 
     # -- changing ---------------------------------------------------------------------------------
     def _rewrite(self, layer: MoELayer, make_expert, make_router, count: int) -> None:
+        """make_*(name, tensor) -> the new expert-indexed tensor."""
         old = layer.num_experts
         for module, make in ((layer.experts, make_expert), (layer.router, make_router)):
             for name in expert_tensor_names(module, old):
                 tensor = getattr(module, name)
-                new = make(tensor.data)
+                new = make(name, tensor.data)
                 if isinstance(tensor, nn.Parameter):
                     setattr(module, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
                 else:
@@ -122,14 +124,57 @@ class FusedExpertsAdapter(MoEAdapter):
                         continue
                     setattr(module, attr, count)
 
-    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights) -> None:
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False) -> None:
+        aligned = self.aligned_expert_tensors(layer, clusters, weights) if align else {}
         self._rewrite(layer,
-                      lambda t: combine_rows(t, clusters, weights),
-                      lambda t: combine_rows(t, clusters, router_weights),
+                      lambda name, t: combine_rows(aligned.get(name, t), clusters, weights),
+                      lambda name, t: combine_rows(t, clusters, router_weights),
                       len(clusters))
 
+    # -- neuron alignment before averaging (algorithms/alignment.py) ------------------------------
+    def _neuron_axes(self, experts: nn.Module) -> dict[str, tuple[int, bool]]:
+        """Per expert tensor (one expert's slice): (axis indexing intermediate neurons, holds gate and up pairs)."""
+        t = experts.is_transposed
+        up = "gate_up_proj" if experts.has_gate else "up_proj"
+        axes = {up: (1 if t else 0, experts.has_gate), "down_proj": (0 if t else 1, False)}
+        if experts.has_bias:
+            axes[up + "_bias"] = (0, experts.has_gate)
+        return axes
+
+    def _neuron_features(self, experts: nn.Module, e: int, axes) -> torch.Tensor:
+        interleaved = not getattr(experts, "is_concatenated", True)
+        parts = []
+        for name in ("gate_up_proj", "up_proj", "down_proj"):
+            if name not in axes:
+                continue
+            x = getattr(experts, name)[e].detach().double().movedim(axes[name][0], 0)  # [I or 2I, F]
+            if axes[name][1]:
+                n = x.shape[0] // 2
+                x = torch.cat([x[0::2], x[1::2]] if interleaved else [x[:n], x[n:]], dim=1)
+            parts.append(x)
+        return torch.cat(parts, dim=1)
+
+    def aligned_expert_tensors(self, layer: MoELayer, clusters, weights) -> dict[str, torch.Tensor]:
+        """Copies of the expert tensors in which every member that is averaged into a cluster has
+        its neurons permuted to match the cluster's representative (members[0])."""
+        experts = layer.experts
+        axes = self._neuron_axes(experts)
+        interleaved = not getattr(experts, "is_concatenated", True)
+        out = {name: getattr(experts, name).detach().clone() for name in axes}
+        for members, w in zip(clusters, weights):
+            rep = members[0]
+            ref = self._neuron_features(experts, rep, axes)
+            for m, wm in zip(members[1:], w[1:]):
+                if wm == 0.0:
+                    continue
+                perm = match_neurons(ref, self._neuron_features(experts, m, axes))
+                for name, (axis, paired) in axes.items():
+                    index = paired_index(perm, interleaved) if paired else perm
+                    out[name][m] = out[name][m].index_select(axis, index.to(out[name].device))
+        return out
+
     def resize_empty(self, layer: MoELayer, count: int) -> None:
-        def empty(t: torch.Tensor) -> torch.Tensor:
+        def empty(name: str, t: torch.Tensor) -> torch.Tensor:
             return torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device)
 
         self._rewrite(layer, empty, empty, count)

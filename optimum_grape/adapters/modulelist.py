@@ -15,6 +15,8 @@ correction bias, need their own adapter (docs/adding_a_family.md).
 
 from __future__ import annotations
 
+import logging
+
 import re
 from typing import Iterable
 
@@ -41,6 +43,8 @@ def is_expert_list(module: nn.Module) -> bool:
     return (isinstance(module, nn.ModuleList) and len(module) >= 2
             and len({type(m) for m in module}) == 1 and any(True for _ in module[0].parameters()))
 
+
+logger = logging.getLogger("optimum_grape")
 
 class ModuleListExpertsAdapter(MoEAdapter):
     """Experts as `block.experts = nn.ModuleList([MLP, ...])`, router = a sibling with weight [E, H]."""
@@ -119,7 +123,11 @@ class ModuleListExpertsAdapter(MoEAdapter):
             if tensor.dim() >= 1 and tensor.shape[0] == old:
                 setattr(layer.router, name, nn.Parameter(make(tensor.data), requires_grad=tensor.requires_grad))
 
-    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights) -> None:
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False) -> None:
+        if align and any(len([w for w in ws if w]) > 1 for ws in weights):
+            logger.warning("Layer %d: neuron alignment before merging is implemented for fused experts only; "
+                           "nn.ModuleList experts are averaged unaligned (set align_neurons=False to silence).",
+                           layer.index)
         experts = list(layer.experts)
         names = [n for n, _ in experts[0].named_parameters()]
         merged = {}  # computed for every cluster before any expert is overwritten

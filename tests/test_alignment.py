@@ -1,0 +1,71 @@
+"""Neuron alignment before averaging: a neuron-permuted copy of an expert computes the same
+function; aligned averaging must give that expert back, unaligned averaging must not."""
+
+import pytest
+import torch
+
+from factories import tiny_model
+from optimum_grape.adapters import find_moe_layers
+from optimum_grape.algorithms.alignment import match_neurons, paired_index
+
+
+def test_match_neurons_recovers_a_permutation():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(16, 10, generator=gen)
+    perm = torch.randperm(16, generator=gen)
+    member = torch.empty_like(ref)
+    member[perm] = ref  # member neuron perm[k] is reference neuron k
+    assert torch.equal(match_neurons(ref, member), perm)
+
+
+def test_paired_index_layouts():
+    perm = torch.tensor([2, 0, 1])
+    assert paired_index(perm, interleaved=False).tolist() == [2, 0, 1, 5, 3, 4]
+    assert paired_index(perm, interleaved=True).tolist() == [4, 5, 0, 1, 2, 3]
+
+
+def permute_expert(layer, adapter, source: int, target: int, perm: torch.Tensor) -> None:
+    """Make expert `target` a copy of `source` with its intermediate neurons permuted."""
+    experts = layer.experts
+    interleaved = not getattr(experts, "is_concatenated", True)
+    with torch.no_grad():
+        for name, (axis, paired) in adapter._neuron_axes(experts).items():
+            tensor = getattr(experts, name)
+            index = paired_index(perm, interleaved) if paired else perm
+            tensor[target] = tensor[source].index_select(axis, index)
+        if experts.has_bias:
+            experts.down_proj_bias[target] = experts.down_proj_bias[source]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_aligned_merge_of_a_permuted_copy_is_exact(family):
+    model = tiny_model(family)
+    adapter, layers = find_moe_layers(model)
+    layer = layers[0]
+    intermediate = layer.experts.down_proj.shape[1 if layer.experts.is_transposed else 2]
+    perm = torch.randperm(intermediate, generator=torch.Generator().manual_seed(1))
+    permute_expert(layer, adapter, source=0, target=1, perm=perm)
+    x = torch.randn(20, model.config.hidden_size)
+    want = adapter.run_experts(layer, x, [0])[0]
+    assert torch.allclose(adapter.run_experts(layer, x, [1])[0], want, atol=1e-5)  # same function
+    clusters = [[0, 1]] + [[e] for e in range(2, layer.num_experts)]
+    weights = [[0.5, 0.5]] + [[1.0]] * (layer.num_experts - 2)
+    aligned = adapter.aligned_expert_tensors(layer, clusters, weights)
+    for name, tensor in aligned.items():
+        assert torch.allclose(tensor[1], getattr(layer.experts, name)[0], atol=1e-6), name
+    adapter.apply_clusters(layer, clusters, weights, weights, align=True)
+    assert torch.allclose(adapter.run_experts(layer, x, [0])[0], want, atol=1e-5)
+
+
+def test_unaligned_merge_of_a_permuted_copy_is_not_the_expert():
+    model = tiny_model("mixtral")
+    adapter, layers = find_moe_layers(model)
+    layer = layers[0]
+    perm = torch.randperm(layer.experts.down_proj.shape[2], generator=torch.Generator().manual_seed(1))
+    permute_expert(layer, adapter, 0, 1, perm)
+    x = torch.randn(20, model.config.hidden_size)
+    want = adapter.run_experts(layer, x, [0])[0]
+    clusters = [[0, 1]] + [[e] for e in range(2, 8)]
+    weights = [[0.5, 0.5]] + [[1.0]] * 6
+    adapter.apply_clusters(layer, clusters, weights, weights, align=False)
+    assert not torch.allclose(adapter.run_experts(layer, x, [0])[0], want, atol=1e-2)

@@ -1,0 +1,43 @@
+"""The embedded default model: it loads offline, its tokenizer round-trips text, and it is a real
+language model (beats the bigram baseline recorded when it was trained)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from optimum_grape.cli import default_model_path, heldout_paths
+from optimum_grape.evaluation import perplexity, text_token_ids
+
+
+@pytest.fixture(scope="module")
+def default():
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), path
+
+
+def test_loads_and_is_a_mixtral_moe(default):
+    model, _, path = default
+    assert model.config.model_type == "mixtral"
+    assert model.config.num_hidden_layers >= 6 and model.config.num_local_experts >= 8
+    assert not model.config.output_router_logits
+    assert sum(f.stat().st_size for f in path.iterdir()) < 30e6
+
+
+def test_tokenizer_round_trips_text(default):
+    _, tok, _ = default
+    for text in ("Fellow-Citizens of the Senate and House of Representatives:",
+                 "And God said, Let there be light: and there was light.",
+                 "def f(x):\n    return sorted(x, key=len)  # 42"):
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_heldout_perplexity_beats_the_bigram_baseline(default):
+    model, tok, path = default
+    summary = json.loads((path / "training_summary.json").read_text())
+    for held in heldout_paths():
+        bigram = summary["heldout_perplexity"][held.stem]["bigram_ppl"]
+        ids = text_token_ids(tok, held.read_text(encoding="utf-8"))[:1024]
+        ppl = perplexity(model, ids, window=256)
+        assert ppl < bigram, (held.stem, ppl, bigram)

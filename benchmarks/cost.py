@@ -34,9 +34,15 @@ from optimum_grape.evaluation import count_parameters, folder_bytes  # noqa: E40
 from optimum_grape.methods import METHODS  # noqa: E402
 
 CHILD = """
-import resource, sys, json
-from optimum_grape.cli import main
-code = main(sys.argv[1:])
+import resource, sys
+if sys.argv[1:] == ["load-only"]:  # the floor: interpreter + torch + transformers + the loaded model
+    from transformers import AutoModelForCausalLM
+    from optimum_grape.cli import default_model_path
+    AutoModelForCausalLM.from_pretrained(default_model_path())
+    code = 0
+else:
+    from optimum_grape.cli import main
+    code = main(sys.argv[1:])
 print("PEAK_RSS_BYTES", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 sys.exit(code)
 """
@@ -51,10 +57,12 @@ def forward_seconds(model, batches) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss(method: str) -> int:
+def peak_rss(method: str | None) -> int:
+    """Peak RSS of a child process running the whole pruning job (or, for None, only loading the model)."""
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run([sys.executable, "-c", CHILD, "prune", "default", "--output", f"{tmp}/out",
-                                 "--method", method, "--ratio", "0.25"], capture_output=True, text=True)
+        args = ["load-only"] if method is None else ["prune", "default", "--output", f"{tmp}/out", "--method",
+                                                       method, "--ratio", "0.25"]
+        result = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     return int(result.stdout.split("PEAK_RSS_BYTES")[-1].split()[0])
@@ -87,6 +95,8 @@ def main() -> None:
                                   config.batch_size)
     model_bytes = folder_bytes(default_model_path())
     forward_s = forward_seconds(model, batches)
+    load_rss = peak_rss(None)
+    print(f"peak RSS of a process that only loads the model: {load_rss / 1e6:.1f} MB", flush=True)
     print(f"plain forward over {sum(b.numel() for b in batches)} calibration tokens: {forward_s:.2f}s", flush=True)
     records = []
     for name in sorted(METHODS):
@@ -97,10 +107,12 @@ def main() -> None:
         rss = peak_rss(name)
         rec = {"method": name, "calibration_s": calib_s, "forward_s": forward_s, "peak_rss_bytes": rss,
                "model_bytes": model_bytes, "calibration_over_forward": calib_s / forward_s,
-               "peak_rss_over_model": rss / model_bytes, "needs": sorted(METHODS[name].needs)}
+               "peak_rss_over_model": rss / model_bytes, "peak_rss_over_load_only": rss / load_rss,
+               "needs": sorted(METHODS[name].needs)}
         records.append(rec)
         print(f"{name:13s} calibration {calib_s:6.2f}s = {rec['calibration_over_forward']:5.2f}x forward; "
-              f"peak RSS {rss / 1e6:7.1f} MB = {rec['peak_rss_over_model']:5.1f}x model", flush=True)
+              f"peak RSS {rss / 1e6:7.1f} MB = {rec['peak_rss_over_model']:5.1f}x model weights = "
+              f"{rec['peak_rss_over_load_only']:.2f}x loading alone", flush=True)
 
     plan_s = planning_time()
     print(f"GRAPE planning at DeepSeek-V3 scale (58 x 256, 25%): {plan_s:.2f}s", flush=True)
@@ -111,7 +123,7 @@ def main() -> None:
         pruner.save_pretrained(model, Path(tmp) / "out", tok)
         bytes_after = folder_bytes(Path(tmp) / "out")
     params_after, gen_after = count_parameters(model), generation_tokens_per_s(model, tok)
-    summary = {"grape_planning_s_58x256": plan_s, "params_before": params_before, "params_after": params_after,
+    summary = {"grape_planning_s_58x256": plan_s, "load_only_peak_rss_bytes": load_rss, "params_before": params_before, "params_after": params_after,
                "bytes_before": model_bytes, "bytes_after": bytes_after, "gen_tokens_per_s_before": gen_before,
                "gen_tokens_per_s_after": gen_after, "torch_threads": torch.get_num_threads()}
     print(f"parameters {params_before:,} -> {params_after:,} ({params_after / params_before:.3f}x); "

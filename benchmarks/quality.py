@@ -32,14 +32,22 @@ from optimum_grape import GrapeConfig, GrapePruner  # noqa: E402
 from optimum_grape.methods import METHODS, NEEDS  # noqa: E402
 
 RANDOM_SEEDS = (0, 1, 2)
+# Ablations beside every method's defaults (not tuned per method): GRAPE with the other similarity
+# measures, and with drop instead of merging. Each is reported as its own row.
+VARIANTS = [{}, {"similarity": "mse"}, {"similarity": "cosine"}, {"merge": "drop"}]
 
 
 def runs(ratios):
     for ratio in ratios:
         for name in sorted(METHODS):
-            for allocation in METHODS[name].allocations:
-                for seed in RANDOM_SEEDS if name == "random" else (0,):
-                    yield name, allocation, ratio, seed
+            for variant in VARIANTS if name == "grape" else [{}]:
+                for allocation in METHODS[name].allocations:
+                    for seed in RANDOM_SEEDS if name == "random" else (0,):
+                        yield name, allocation, ratio, seed, variant
+
+
+def variant_label(variant: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(variant.items()))
 
 
 def evaluate(model, ids, cloze, tasks):
@@ -73,19 +81,25 @@ def main() -> None:
     stats = GrapePruner(GrapeConfig(pruning_ratio=0.25)).calibrate(base, None, tok, extra_needs=NEEDS)
     calib_s = time.perf_counter() - start
     print(f"one calibration for all methods: {stats.metadata['num_tokens']} tokens, {calib_s:.1f}s", flush=True)
+    by_similarity = {"cka": stats}
+    for measure in {v["similarity"] for v in VARIANTS if "similarity" in v}:  # same tokens, another measure
+        by_similarity[measure] = GrapePruner(GrapeConfig(pruning_ratio=0.25, similarity=measure)).calibrate(
+            base, None, tok, extra_needs=NEEDS)
 
-    records = [{"method": "none", "allocation": None, "ratio": 0.0, "seed": 0,
+    records = [{"method": "none", "allocation": None, "ratio": 0.0, "seed": 0, "variant": "",
                 "experts_per_layer": stats.num_experts, **evaluate(base, ids, cloze, tasks)}]
     print(f"{'none':13s} {'':8s} 0.00  ppl {records[0]['perplexity']:8.2f}  cloze {records[0]['accuracy']:.3f}", flush=True)
-    for name, allocation, ratio, seed in runs(args.ratios):
-        pruner = GrapePruner(GrapeConfig(method=name, allocation=allocation, pruning_ratio=ratio, seed=seed))
-        plan = pruner.plan(stats)
+    for name, allocation, ratio, seed, variant in runs(args.ratios):
+        pruner = GrapePruner(GrapeConfig(method=name, allocation=allocation, pruning_ratio=ratio, seed=seed,
+                                         **variant))
+        plan = pruner.plan(by_similarity[pruner.config.similarity])
         model = copy.deepcopy(base)
         pruner.apply(model, plan)
         rec = {"method": name, "allocation": allocation, "ratio": ratio, "seed": seed,
+               "variant": variant_label(variant),
                "experts_per_layer": plan.experts_per_layer, **evaluate(model, ids, cloze, tasks)}
         records.append(rec)
-        print(f"{name:13s} {allocation:8s} {ratio:.2f}  seed {seed}  ppl {rec['perplexity']:8.2f}  "
+        print(f"{name:13s} {allocation:8s} {ratio:.2f}  seed {seed} {variant_label(variant):18s} ppl {rec['perplexity']:8.2f}  "
               f"cloze {rec['accuracy']:.3f}  kept {list(plan.experts_per_layer.values())}", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +118,8 @@ def _grouped(records):
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r["method"] != "none":
-            groups.setdefault((r["method"], r["allocation"], r["ratio"]), []).append(r)
+            groups.setdefault((r["method"] + (f" ({r['variant']})" if r["variant"] else ""), r["allocation"],
+                               r["ratio"]), []).append(r)
     return groups
 
 

@@ -87,7 +87,9 @@ def cmd_prune(args) -> int:
         plan = PruningPlan.from_json(Path(args.plan).read_text(encoding="utf-8"))
         from .config import GrapeConfig
 
-        pruner = GrapePruner(GrapeConfig(method=plan.method, num_experts_to_prune=max(1, plan.num_removed)))
+        pruner = GrapePruner(GrapeConfig(method=plan.method, num_experts_to_prune=max(1, plan.num_removed),
+                                         allocation=plan.metadata.get("allocation"), merge=plan.metadata.get("merge"),
+                                         router=plan.router, align_neurons=plan.align_neurons))
     else:
         stats = pruner.calibrate(model, None, tokenizer)
         if args.save_stats:

@@ -47,7 +47,9 @@ def _same_length_groups(windows: list[torch.Tensor]) -> list[list[torch.Tensor]]
 
 
 def text_token_ids(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    from .calibration.data import encode_text
+
+    return torch.tensor(encode_text(tokenizer, text), dtype=torch.long)
 
 
 def count_parameters(model) -> int:

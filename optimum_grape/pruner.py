@@ -134,7 +134,9 @@ class GrapePruner:
 
     # -- 3. change --------------------------------------------------------------------------------
     def apply(self, model, plan: PruningPlan) -> None:
-        apply_plan(model, plan, GrapeConfig.from_dict(self.config.to_dict()))
+        # The checkpoint records the settings actually used (method defaults resolved), not None.
+        resolved = {**self.config.to_dict(), "allocation": self.allocation, "merge": self.merge, "router": self.router}
+        apply_plan(model, plan, GrapeConfig.from_dict(resolved))
         self.last_plan = plan
 
     def prune(self, model, data=None, tokenizer=None):

@@ -153,3 +153,32 @@ def test_prune_on_load_through_quantization_config(tmp_path, tokenizer):
     assert torch.allclose(logits(model), logits(wrapped), atol=1e-5)
     model.save_pretrained(tmp_path / "onload")
     assert torch.allclose(logits_in_fresh_process(tmp_path / "onload"), logits(model), atol=1e-5)
+
+
+def test_push_uploads_weights_first_then_the_card(tmp_path):
+    """No network in tests: a stand-in for HfApi records what would be uploaded, in order."""
+    from optimum_grape.checkpoint import push_pruned
+
+    class RecordingApi:
+        def __init__(self):
+            self.calls = []
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            self.calls.append(("create_repo", repo_id))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            from pathlib import Path
+            self.calls.append(("upload_folder", sorted(p.name for p in Path(folder_path).iterdir())))
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, commit_message):
+            self.calls.append(("upload_file", path_in_repo, path_or_fileobj.decode()[:3]))
+
+    model = tiny_model("mixtral")
+    pruner = GrapePruner(small_config(pruning_ratio=0.25))
+    pruner.prune(model, random_token_batches())
+    api = RecordingApi()
+    push_pruned(model, "me/tiny-grape", plan=pruner.last_plan, api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder", "upload_file"]
+    assert "README.md" not in api.calls[1][1] and "model.safetensors" in api.calls[1][1]
+    assert "grape_plan.json" in api.calls[1][1]
+    assert api.calls[2][1:] == ("README.md", "---")

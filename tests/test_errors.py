@@ -113,3 +113,28 @@ def test_incompatible_allocation_is_a_clear_error():
             GrapeConfig(method="_local_only_test", allocation="global", pruning_ratio=0.25)
     finally:
         METHODS.pop("_local_only_test")
+
+
+def test_plan_must_partition_the_experts():
+    from optimum_grape import GrapeError, PruningPlan
+
+    with pytest.raises(GrapeError, match="partition experts 0..3 exactly once"):
+        PruningPlan(clusters={0: [[0, 1], [1, 2], [3]]}, num_experts_before={0: 4})
+    with pytest.raises(GrapeError, match="merge_weights do not match"):
+        PruningPlan(clusters={0: [[0, 1], [2], [3]]}, num_experts_before={0: 4}, merge_weights={0: [[1.0]] * 3})
+
+
+def test_plan_naming_a_dense_layer_is_refused():
+    from optimum_grape import GrapeError, PruningPlan
+
+    model = tiny_model("mixtral")
+    plan = PruningPlan(clusters={9: [[0, 1]] + [[e] for e in range(2, 8)]}, num_experts_before={9: 8})
+    with pytest.raises(GrapeError, match="not an MoE layer"):
+        pruner(pruning_ratio=0.25).apply(model, plan)
+
+
+def test_align_neurons_must_be_a_bool():
+    from optimum_grape import GrapeConfigError
+
+    with pytest.raises(GrapeConfigError, match="align_neurons"):
+        GrapeConfig(pruning_ratio=0.25, align_neurons="yes")

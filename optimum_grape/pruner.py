@@ -128,7 +128,6 @@ class GrapePruner:
         for layer, kept in plan.experts_per_layer.items():
             if kept < floors[layer]:
                 raise GrapeError(f"Method {self.method.name!r} left layer {layer} with {kept} < floor {floors[layer]}.")
-        logger.info("%s", plan.summary())
         self.last_plan = plan
         return plan
 

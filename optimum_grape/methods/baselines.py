@@ -56,29 +56,36 @@ class RandomMethod(_ScoreMethod):
                 for l, s in sorted(stats.layers.items())}
 
 
-class RouterMergeMethod(PruningMethod):
+class _LocalMergeBase(PruningMethod):
+    """Merging methods that cut every layer equally and group each layer on its own."""
+
+    allocations = ("uniform",)
+    default_merge = "weighted"
+
+    def group_layer(self, layer_stats, keep: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def cluster(self, stats, budget, floors, allocation, config):
+        removals = uniform_removals(stats.num_experts, floors, budget)
+        return {l: self.group_layer(s, s.num_experts - removals[l]) for l, s in stats.layers.items()}, {}
+
+
+class RouterMergeMethod(_LocalMergeBase):
     name = "router_merge"
     needs = frozenset({"router_logits"})
-    allocations = ("uniform",)
-    default_merge = "weighted"
     reference = "MC-SMoE, Li et al., ICLR 2024"
 
-    def cluster(self, stats, budget, floors, allocation, config):
-        removals = uniform_removals(stats.num_experts, floors, budget)
-        return {l: router_guided_groups(s.router_logits, s.tokens, s.num_experts - removals[l])
-                for l, s in stats.layers.items()}, {}
+    def group_layer(self, layer_stats, keep):
+        return router_guided_groups(layer_stats.router_logits, layer_stats.tokens, keep)
 
 
-class LocalMergeMethod(PruningMethod):
+class LocalMergeMethod(_LocalMergeBase):
     name = "local_merge"
     needs = frozenset({"similarity"})
-    allocations = ("uniform",)
-    default_merge = "weighted"
     reference = "DEK-like local baseline, arXiv 2407.09590"
 
-    def cluster(self, stats, budget, floors, allocation, config):
-        removals = uniform_removals(stats.num_experts, floors, budget)
-        return {l: average_linkage(s.similarity, s.num_experts - removals[l]) for l, s in stats.layers.items()}, {}
+    def group_layer(self, layer_stats, keep):
+        return average_linkage(layer_stats.similarity, keep)
 
 
 class EnumerateMethod(PruningMethod):

@@ -9,6 +9,7 @@ from .config import GrapeConfig
 from .errors import (BudgetError, CalibrationDataError, CheckpointError, GrapeConfigError, GrapeError,
                      UnsupportedModelError)
 from .methods import list_methods, register_method
+from .modeling import GrapeModelForCausalLM
 from .plan import PruningPlan
 from .pruner import GrapePruner
 from .quantizer import GrapeHfQuantizer, register_with_transformers
@@ -19,5 +20,5 @@ register_with_transformers()
 __version__ = "0.1.0"
 
 __all__ = ["BudgetError", "CalibrationDataError", "CheckpointError", "ExpertStats", "GrapeConfig",
-           "GrapeConfigError", "GrapeError", "GrapeHfQuantizer", "GrapePruner", "PruningPlan",
+           "GrapeConfigError", "GrapeError", "GrapeHfQuantizer", "GrapeModelForCausalLM", "GrapePruner", "PruningPlan",
            "UnsupportedModelError", "list_methods", "register_adapter", "register_method", "supported_model_types"]

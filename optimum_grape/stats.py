@@ -8,7 +8,7 @@ running the model again.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 _TENSOR_FIELDS = ("router_weight", "tokens", "weight_mass", "saliency", "similarity", "mean_output", "router_logits",
-                  "expert_outputs", "sample_hidden")
+                  "expert_outputs")
 
 
 @dataclass
@@ -34,8 +34,6 @@ class LayerStats:
     mean_output: torch.Tensor | None = None  # [E, H] mean expert output (C-Prune embedding)
     router_logits: torch.Tensor | None = None  # [T, E] on the sampled tokens
     expert_outputs: torch.Tensor | None = None  # [E, T, H] on the sampled tokens (enumerate only)
-    sample_hidden: torch.Tensor | None = None  # [T, H] the sampled layer inputs (not saved by default)
-    count_valid: list[int] | None = None  # expert counts the layer's routing accepts, if restricted
 
 
 @dataclass
@@ -55,10 +53,10 @@ class ExpertStats:
         tensors, layer_meta = {}, {}
         for index, layer in self.layers.items():
             layer_meta[str(index)] = {"num_experts": layer.num_experts, "floor": layer.floor,
-                                      "routing": layer.routing, "count_valid": layer.count_valid}
+                                      "routing": layer.routing}
             for name in _TENSOR_FIELDS:
                 value = getattr(layer, name)
-                if value is not None and name != "sample_hidden":
+                if value is not None:
                     tensors[f"layers.{index}.{name}"] = value.detach().cpu().contiguous()
         header = {"grape_stats": json.dumps({"metadata": self.metadata, "layers": layer_meta})}
         save_file(tensors, str(path), metadata=header)
@@ -74,6 +72,3 @@ class ExpertStats:
             layers[int(index)] = LayerStats(**meta, **values)
         return cls(layers=dict(sorted(layers.items())), metadata=header["metadata"])
 
-
-def stats_field_names() -> list[str]:
-    return [f.name for f in fields(LayerStats)]

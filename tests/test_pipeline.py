@@ -182,3 +182,32 @@ def test_push_uploads_weights_first_then_the_card(tmp_path):
     assert "README.md" not in api.calls[1][1] and "model.safetensors" in api.calls[1][1]
     assert "grape_plan.json" in api.calls[1][1]
     assert api.calls[2][1:] == ("README.md", "---")
+
+
+def test_calibration_from_a_datasets_object_and_a_saved_folder(tmp_path, tokenizer):
+    import datasets
+
+    texts = ["Fellow-Citizens of the Senate and House of Representatives.", "In the beginning God created.",
+             "The sorted() function returns a new list."] * 8
+    ds = datasets.Dataset.from_dict({"text": texts})
+    model = tiny_model("mixtral")
+    direct = GrapePruner(small_config(pruning_ratio=0.25)).calibrate(model, ds, tokenizer=tokenizer)
+    ds.save_to_disk(str(tmp_path / "calib"))
+    from_folder = GrapePruner(small_config(pruning_ratio=0.25, dataset=str(tmp_path / "calib"))).calibrate(
+        model, None, tokenizer=tokenizer)
+    assert direct.metadata["num_tokens"] == from_folder.metadata["num_tokens"] > 0
+    assert torch.equal(direct.layers[0].tokens, from_folder.layers[0].tokens)
+    (tmp_path / "calib.txt").write_text("\n\n".join(texts))
+    from_file = GrapePruner(small_config(pruning_ratio=0.25, dataset=str(tmp_path / "calib.txt"))).calibrate(
+        model, None, tokenizer=tokenizer)
+    assert from_file.metadata["num_tokens"] == direct.metadata["num_tokens"]
+
+
+def test_dataset_without_a_text_column_is_refused(tokenizer):
+    import datasets
+
+    from optimum_grape import CalibrationDataError
+
+    ds = datasets.Dataset.from_dict({"content": ["a", "b"]})
+    with pytest.raises(CalibrationDataError, match="needs a 'text' column"):
+        GrapePruner(small_config(pruning_ratio=0.25)).calibrate(tiny_model("mixtral"), ds, tokenizer=tokenizer)

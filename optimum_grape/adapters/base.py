@@ -71,10 +71,6 @@ class MoEAdapter:
         """Fewest experts this layer's routing can work with."""
         return layer.top_k
 
-    def valid_count(self, layer: MoELayer, count: int) -> bool:
-        """Whether the routing of this layer accepts `count` experts (e.g. DeepSeek group divisibility)."""
-        return count >= self.layer_floor(layer)
-
     def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False) -> None:
         """Rewrite the layer so that kept expert c = sum_i weights[c][i] * expert clusters[c][i], and
         router row c = sum_i router_weights[c][i] * row clusters[c][i]; update every count attribute.

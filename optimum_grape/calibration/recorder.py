@@ -95,8 +95,6 @@ class LayerRecorder:
                 stats.expert_outputs = outputs.cpu()
         if "router_logits" in needs or "expert_outputs" in needs:
             stats.router_logits = self.adapter.router_logits(self.layer, sample).float().cpu()
-        if "sample_hidden" in needs:
-            stats.sample_hidden = sample.float().cpu()
         return stats
 
 

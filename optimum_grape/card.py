@@ -10,12 +10,19 @@ from .plan import PruningPlan
 
 
 def _metadata(model, plan: PruningPlan | None, evaluation: dict, base_model: str | None) -> str:
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import EvalResult, ModelCardData
 
     tags = ["moe", "pruning", "grape", "optimum-grape", model.config.model_type]
     if plan is not None:
         tags.append(f"method-{plan.method}")
-    data = ModelCardData(library_name="transformers", base_model=base_model, tags=tags, pipeline_tag="text-generation")
+    # A model-index entry per measured metric, so the Hub shows the pruned model's scores.
+    results = [EvalResult(task_type="text-generation", dataset_type=values.get("dataset", name),
+                          dataset_name=values.get("dataset", name), metric_type="perplexity",
+                          metric_value=round(values["after"], 4))
+               for name, values in evaluation.items()]
+    data = ModelCardData(library_name="transformers", base_model=base_model, tags=tags, pipeline_tag="text-generation",
+                         model_name=f"{model.config.model_type}-grape-pruned" if results else None,
+                         eval_results=results or None)
     return data.to_yaml()
 
 

@@ -99,9 +99,11 @@ def cmd_prune(args) -> int:
     elapsed = time.perf_counter() - start
     after = _evaluate(model, tokenizer, args.eval_tokens, args.sequence_length) if args.evaluate else {}
     how = f"perplexity on the first {args.eval_tokens} tokens of each held-out file, windows of {args.sequence_length}"
-    pruner.evaluation = {f"perplexity ({d})": {"before": before[d], "after": after[d], "how": how} for d in before}
+    pruner.evaluation = {f"perplexity ({d})": {"before": before[d], "after": after[d], "how": how,
+                                               "dataset": f"optimum-grape held-out {d}"} for d in before}
     pruner.save_pretrained(model, output, tokenizer, overwrite=args.overwrite,
-                           base_model=None if args.base == DEFAULT_MODEL else args.base)
+                           base_model=args.base_model or (None if Path(args.base).exists() or args.base == DEFAULT_MODEL
+                                                          else args.base))
     print(plan.summary())
     print(f"experts per layer: {json.dumps({str(k): v for k, v in plan.experts_per_layer.items()})}")
     for layer, clusters in plan.clusters.items():
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval-tokens", type=int, default=8192, help="tokens per held-out domain to score")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo")
+    prune.add_argument("--base-model", default=None, metavar="REPO_ID",
+                       help="Hub id of the base model, for the card's base_model (default: BASE if it is not a "
+                            "local folder)")
     prune.add_argument("--trust-remote-code", action="store_true")
     prune.set_defaults(func=cmd_prune)
     inspect = sub.add_parser("inspect", help="show the MoE layout of a pruned checkpoint")

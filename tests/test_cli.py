@@ -35,13 +35,14 @@ def test_prune_then_inspect(base_folder, tmp_path):
     out = tmp_path / "pruned"
     result = run_cli("prune", base_folder, "--output", out, "--ratio", "0.25", "--num-samples", "8",
                      "--sequence-length", "32", "--evaluate", "--eval-tokens", "256", "--save-stats",
-                     tmp_path / "stats.safetensors")
+                     tmp_path / "stats.safetensors", "--base-model", "example-org/tiny-mixtral")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "removing 8 (25%)" in result.stdout and "held-out perplexity" in result.stdout
     assert (out / "README.md").exists() and (out / "grape_plan.json").exists()
     assert (tmp_path / "stats.safetensors").exists()
     card = (out / "README.md").read_text()
     assert "| perplexity (bible) |" in card
+    assert "base_model: example-org/tiny-mixtral" in card and "model-index:" in card
     inspected = run_cli("inspect", out)
     assert inspected.returncode == 0 and "method: grape" in inspected.stdout
     config = json.loads((out / "config.json").read_text())

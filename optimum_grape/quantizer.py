@@ -34,6 +34,9 @@ class GrapeHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # Pruning changes shapes, not number formats: transformers marks models loaded through a
+        # quantizer as quantized, which forbids .half()/.float() and plain fine-tuning. Undo that.
+        model.is_quantized = False
         if self.quantization_config.pruned_layout:
             return model
         from transformers import AutoTokenizer

@@ -211,3 +211,19 @@ def test_dataset_without_a_text_column_is_refused(tokenizer):
     ds = datasets.Dataset.from_dict({"content": ["a", "b"]})
     with pytest.raises(CalibrationDataError, match="needs a 'text' column"):
         GrapePruner(small_config(pruning_ratio=0.25)).calibrate(tiny_model("mixtral"), ds, tokenizer=tokenizer)
+
+
+def test_loaded_pruned_model_casts_and_trains_like_any_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("mixtral")
+    pruner = GrapePruner(small_config(pruning_ratio=0.25))
+    pruner.prune(model, random_token_batches())
+    pruner.save_pretrained(model, tmp_path / "p")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert torch.allclose(logits(loaded.eval()), logits(model), atol=1e-5)
+    loaded.half().float()  # refused by transformers for quantized models; a pruned one is not quantized
+    loaded.train()
+    out = loaded(PROBE, labels=PROBE)
+    out.loss.backward()
+    assert loaded.model.layers[0].mlp.experts.gate_up_proj.grad is not None

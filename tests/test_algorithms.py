@@ -130,3 +130,21 @@ def test_cluster_weights_and_order():
     assert clusters == [[2], [3, 0, 1]]
     assert cluster_weights(clusters, freq, "weighted") == [[1.0], [0.6, 0.1, 0.3]]
     assert cluster_weights(clusters, freq, "drop") == [[1.0], [1.0, 0.0, 0.0]]
+
+
+def test_grouped_layers_merge_whole_groups_and_fall_back_only_for_a_remainder():
+    gen = torch.Generator().manual_seed(5)
+    sims = {}
+    for l in range(3):
+        s = torch.rand(16, 16, generator=gen, dtype=torch.float64)
+        sims[l] = (s + s.T) / 2
+    groups = {l: (4, 8) for l in sims}  # n_group 4, grouping valid from 8 experts on
+    floors = {l: 2 for l in sims}
+    exact = grape_global_merge(sims, floors, 8, 1.0, groups)
+    counts = [len(c) for c in exact.clusters.values()]
+    assert sum(counts) == 48 - 8 and all(c % 4 == 0 and c >= 8 for c in counts)
+    rest = grape_global_merge(sims, floors, 9, 1.0, groups)
+    counts = [len(c) for c in rest.clusters.values()]
+    assert sum(counts) == 48 - 9 and sum(c % 4 != 0 for c in counts) == 1  # one layer takes the remainder
+    deep = grape_global_merge(sims, floors, 30, 1.0, groups)  # beyond grouped floors: single merges go on
+    assert sum(len(c) for c in deep.clusters.values()) == 18 and min(len(c) for c in deep.clusters.values()) >= 2

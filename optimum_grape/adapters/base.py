@@ -36,9 +36,14 @@ class RoutingSpec:
     top_k: int
     scoring: str = "softmax"  # "softmax" or "sigmoid"
     norm_topk_prob: bool = True
+    # Group-limited routing (DeepSeek-V3 style): counts that keep grouping are multiples of n_group
+    # of at least min_grouped; planning prefers those, and other counts fall back to ungrouped.
+    n_group: int = 1
+    min_grouped: int = 0
 
     def to_dict(self) -> dict:
-        return {"top_k": self.top_k, "scoring": self.scoring, "norm_topk_prob": self.norm_topk_prob}
+        return {"top_k": self.top_k, "scoring": self.scoring, "norm_topk_prob": self.norm_topk_prob,
+                "n_group": self.n_group, "min_grouped": self.min_grouped}
 
 
 class MoEAdapter:

@@ -31,7 +31,15 @@ class GroupedRouterAdapter(FusedExpertsAdapter):
 
     def routing_spec(self, layer: MoELayer, config) -> RoutingSpec:
         return RoutingSpec(top_k=layer.top_k, scoring=self.scoring,
-                           norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)))
+                           norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)), **self.group_spec(layer))
+
+    def group_spec(self, layer: MoELayer) -> dict:
+        """n_group and the fewest experts that keep grouping valid (group_count_ok), for planning."""
+        if not self.is_grouped(layer):
+            return {}
+        groups = int(layer.router.num_group)
+        count = next(c for c in range(groups, layer.num_experts + 1, groups) if self.group_count_ok(layer, c))
+        return {"n_group": groups, "min_grouped": count}
 
     def group_count_ok(self, layer: MoELayer, count: int) -> bool:
         groups, topk_group = int(layer.router.num_group), int(layer.router.topk_group)
@@ -60,7 +68,7 @@ class DeepseekV2Adapter(GroupedRouterAdapter):
         return getattr(layer.router, "topk_method", "greedy") == "group_limited_greedy" and super().is_grouped(layer)
 
     def routing_spec(self, layer: MoELayer, config) -> RoutingSpec:
-        return RoutingSpec(top_k=layer.top_k, scoring="softmax", norm_topk_prob=False)
+        return RoutingSpec(top_k=layer.top_k, scoring="softmax", norm_topk_prob=False, **self.group_spec(layer))
 
 
 class DeepseekV3Adapter(GroupedRouterAdapter):

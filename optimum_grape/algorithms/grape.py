@@ -89,12 +89,18 @@ class GlobalAllocation:
 
 
 def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, int], budget: int,
-                       entropy_tolerance: float) -> GlobalAllocation:
+                       entropy_tolerance: float, groups: dict[int, tuple[int, int]] | None = None
+                       ) -> GlobalAllocation:
     """Algorithm 1: spend one global budget of merges where layer redundancy R^l is highest.
 
     A layer whose merge drops the allocation entropy below E_0 (1 - gamma) is frozen; when every
     mergeable layer is frozen, all are unfrozen (restart). Deterministic: ties go to the lowest
     layer index and the lowest (i, j).
+
+    `groups[l] = (n_group, min_grouped)` marks a group-limited router (DeepSeek-V3): such a layer,
+    once chosen, merges n_group pairs at once so its count stays a multiple of n_group, and not below
+    min_grouped. Only when no layer can take such a step within the remaining budget do single
+    merges continue (the layers they touch fall back to ungrouped routing when applied).
     """
     num_experts = {l: s.shape[0] for l, s in similarities.items()}
     check_budget(num_experts, floors, budget)
@@ -103,19 +109,35 @@ def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, 
     threshold = entropy_before * (1 - entropy_tolerance)
     frozen: set[int] = set()
     result = GlobalAllocation(clusters={}, entropy_before=entropy_before, entropy_threshold=threshold)
+    groups = groups or {}
+
+    def step_of(l: int, merges_left: int) -> int:
+        """Merges one selection of layer l makes: n_group for a grouped layer that can stay grouped."""
+        size, least = groups.get(l, (1, 0))
+        if size > 1 and states[l].count % size == 0 and states[l].count - size >= max(least, floors[l]) \
+                and size <= merges_left:
+            return size
+        return 0 if size > 1 else (1 if states[l].count > floors[l] else 0)
+
     merges_left = budget
     while merges_left > 0:
-        mergeable = [l for l, st in states.items() if st.count > floors[l]]
+        steps = {l: step_of(l, merges_left) for l in states}
+        mergeable = [l for l in states if steps[l]]
+        if not mergeable:  # no grouped step fits: single merges, the touched layers will fall back
+            steps = {l: 1 for l, st in states.items() if st.count > floors[l]}
+            mergeable = list(steps)
         candidates = [l for l in mergeable if l not in frozen]
         if not candidates:
             frozen.clear()
             result.restarts += 1
             candidates = mergeable
         layer = max(candidates, key=lambda l: (states[l].redundancy, -l))
-        i, j, s, merged = states[layer].step()
-        if merged:
-            merges_left -= 1
-            result.merge_order.append((layer, i, j, s))
+        target = states[layer].count - steps[layer]
+        while states[layer].count > target:
+            i, j, s, merged = states[layer].step()
+            if merged:
+                merges_left -= 1
+                result.merge_order.append((layer, i, j, s))
         if _entropy([st.count for st in states.values()]) < threshold:
             frozen.add(layer)
     result.entropy_after = _entropy([st.count for st in states.values()])

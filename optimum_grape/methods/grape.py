@@ -20,7 +20,9 @@ class GrapeMethod(PruningMethod):
         if allocation == "uniform":
             removals = uniform_removals(stats.num_experts, floors, budget)
             return {l: greedy_merge_to(sims[l], stats.num_experts[l] - removals[l]) for l in sims}, {}
-        result = grape_global_merge(sims, floors, budget, config.entropy_tolerance)
+        groups = {l: (s.routing.get("n_group", 1), s.routing.get("min_grouped", 0)) for l, s in stats.layers.items()
+                  if s.routing.get("n_group", 1) > 1}
+        result = grape_global_merge(sims, floors, budget, config.entropy_tolerance, groups)
         meta = {"restarts": result.restarts, "entropy_before": result.entropy_before,
                 "entropy_after": result.entropy_after, "entropy_threshold": result.entropy_threshold,
                 "merge_order": [list(m) for m in result.merge_order]}

@@ -227,3 +227,14 @@ def test_loaded_pruned_model_casts_and_trains_like_any_model(tmp_path):
     out = loaded(PROBE, labels=PROBE)
     out.loss.backward()
     assert loaded.model.layers[0].mlp.experts.gate_up_proj.grad is not None
+
+
+def test_non_uniform_checkpoint_without_the_plugin_fails_loudly(tmp_path):
+    """What the README and model card promise: no silent mis-load without `import optimum_grape`."""
+    model = tiny_model("mixtral")
+    pruner = GrapePruner(small_config(pruning_ratio=0.25))
+    pruner.prune(model, random_token_batches())
+    assert len(set(pruner.last_plan.experts_per_layer.values())) > 1
+    out = pruner.save_pretrained(model, tmp_path / "nonuniform")
+    with pytest.raises(AssertionError, match="ignore_mismatched_sizes"):
+        logits_in_fresh_process(out, use_plugin=False)

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from .adapters import MoEAdapter, find_moe_layers
-from .algorithms.merging import router_weights
+from .algorithms.merging import cluster_weights, router_weights
 from .errors import GrapeError
 from .plan import PruningPlan
 
@@ -44,8 +44,7 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None) -> None:
                 f"Layer {index} has {layer.num_experts} experts but the plan was made for "
                 f"{plan.num_experts_before[index]}: apply a plan to the model it was planned on, unpruned."
             )
-        one_hot = [[1.0] + [0.0] * (len(c) - 1) for c in clusters]
-        weights = plan.merge_weights.get(index) or one_hot
+        weights = plan.merge_weights.get(index) or cluster_weights(clusters, None, "drop")
         routers = plan.router_weights.get(index) or router_weights(clusters, plan.router)
         overrides = adapter.routing_overrides(layer, len(clusters))  # asked before the layer changes
         adapter.apply_clusters(layer, clusters, weights, routers, plan.align_neurons)

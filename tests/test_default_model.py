@@ -4,7 +4,6 @@ language model (beats the bigram baseline recorded when it was trained)."""
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_grape.cli import default_model_path, heldout_paths

@@ -1,7 +1,6 @@
 """Bad input is refused before any expensive work, with a message naming the value and the fix."""
 
 import pytest
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from factories import random_token_batches, tiny_model

@@ -18,7 +18,7 @@ from factories import FAMILIES, plant_copies, random_token_batches, tiny_model
 from helpers import PROBE, logits
 from optimum_grape import GrapeConfig, GrapePruner, PruningPlan
 from optimum_grape.adapters import find_moe_layers
-from optimum_grape.adapters.fused import COUNT_ATTRIBUTES
+from optimum_grape.adapters.base import COUNT_ATTRIBUTES
 
 ALL = sorted(FAMILIES) + ["modulelist"]
 LOAD_KWARGS = {"modulelist": {"trust_remote_code": True}}

@@ -3,11 +3,48 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..errors import UnsupportedModelError
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+# Instance attributes that copy the expert count at construction; forward reads these, not config.
+COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "out_features")
+
+
+def decoder_layer_index(module_name: str) -> int:
+    """The decoder-layer index in a module path such as `model.layers.7.mlp.experts`."""
+    match = _LAYER_INDEX.search(module_name + ".")
+    if match is None:
+        raise UnsupportedModelError(f"Cannot tell the decoder layer of MoE block {module_name!r}.")
+    return int(match.group(1))
+
+
+def find_router_child(block: nn.Module, experts: nn.Module, num_experts: int) -> nn.Module | None:
+    """The child of `block` (other than the experts) whose weight has one row per expert."""
+    for child in block.children():
+        weight = getattr(child, "weight", None)
+        if child is not experts and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                and weight.shape[0] == num_experts:
+            return child
+    return None
+
+
+def set_count_attributes(modules: Iterable[nn.Module], count: int) -> None:
+    """Set every copied expert count (COUNT_ATTRIBUTES; `out_features` on Linear routers only)."""
+    for module in modules:
+        for attr in COUNT_ATTRIBUTES:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                if attr == "out_features" and not isinstance(module, nn.Linear):
+                    continue
+                setattr(module, attr, count)
 
 
 @dataclass
@@ -67,10 +104,13 @@ class MoEAdapter:
         raise NotImplementedError
 
     def router_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Default: a router whose `weight` (and optional `bias`) rows are the experts."""
+        return F.linear(hidden, layer.router.weight, getattr(layer.router, "bias", None))
 
     def routing_spec(self, layer: MoELayer, config) -> RoutingSpec:
-        raise NotImplementedError
+        """Default: softmax, top-k, renormalised unless `config.norm_topk_prob` is False."""
+        return RoutingSpec(top_k=layer.top_k, scoring="softmax",
+                           norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)))
 
     def layer_floor(self, layer: MoELayer) -> int:
         """Fewest experts this layer's routing can work with."""

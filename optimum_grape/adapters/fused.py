@@ -8,7 +8,6 @@ found by that structure, so most families need only a registry line.
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import torch
@@ -18,11 +17,8 @@ from torch import nn
 from ..algorithms.alignment import match_neurons, paired_index
 from ..algorithms.merging import combine_rows
 from ..errors import UnsupportedModelError
-from .base import MoEAdapter, MoELayer, RoutingSpec
+from .base import MoEAdapter, MoELayer, decoder_layer_index, find_router_child, set_count_attributes
 
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
-# Instance attributes that copy the expert count at construction; forward reads these, not config.
-COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts", "out_features")
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -53,12 +49,10 @@ class FusedExpertsAdapter(MoEAdapter):
 
     # -- locating ---------------------------------------------------------------------------------
     def find_router(self, block: nn.Module, experts: nn.Module, num_experts: int) -> nn.Module:
-        for name, child in block.named_children():
-            weight = getattr(child, "weight", None)
-            if child is not experts and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
-                    and weight.shape[0] == num_experts:
-                return child
-        raise UnsupportedModelError(f"No router with {num_experts} rows found in {type(block).__name__}.")
+        router = find_router_child(block, experts, num_experts)
+        if router is None:
+            raise UnsupportedModelError(f"No router with {num_experts} rows found in {type(block).__name__}.")
+        return router
 
     def find_layers(self, model: nn.Module) -> list[MoELayer]:
         layers = []
@@ -70,11 +64,9 @@ class FusedExpertsAdapter(MoEAdapter):
             block = modules[block_name]
             num_experts = module.down_proj.shape[0]
             router = self.find_router(block, module, num_experts)
-            match = _LAYER_INDEX.search(name + ".")
-            if match is None:
-                raise UnsupportedModelError(f"Cannot tell the decoder layer of MoE block {block_name!r}.")
+            index = decoder_layer_index(block_name)
             top_k = getattr(router, "top_k", None) or getattr(block, "top_k", None) or self.config_top_k(model.config)
-            layers.append(MoELayer(int(match.group(1)), block_name, block, module, router, int(top_k)))
+            layers.append(MoELayer(index, block_name, block, module, router, int(top_k)))
         return sorted(layers, key=lambda layer: layer.index)
 
     def config_top_k(self, config) -> int:
@@ -95,13 +87,6 @@ class FusedExpertsAdapter(MoEAdapter):
             outputs.append(_linear(proj, experts.down_proj[e], down_bias, experts.is_transposed))
         return torch.stack(outputs, dim=0)
 
-    def router_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, layer.router.weight, getattr(layer.router, "bias", None))
-
-    def routing_spec(self, layer: MoELayer, config) -> RoutingSpec:
-        return RoutingSpec(top_k=layer.top_k, scoring="softmax",
-                           norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)))
-
     # -- changing ---------------------------------------------------------------------------------
     def _rewrite(self, layer: MoELayer, make_expert, make_router, count: int) -> None:
         """make_*(name, tensor) -> the new expert-indexed tensor."""
@@ -117,12 +102,7 @@ class FusedExpertsAdapter(MoEAdapter):
         self.set_count(layer, count)
 
     def set_count(self, layer: MoELayer, count: int) -> None:
-        for module in (layer.block, layer.experts, layer.router):
-            for attr in COUNT_ATTRIBUTES:
-                if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
-                    if attr == "out_features" and not isinstance(module, nn.Linear):
-                        continue
-                    setattr(module, attr, count)
+        set_count_attributes((layer.block, layer.experts, layer.router), count)
 
     def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False) -> None:
         aligned = self.aligned_expert_tensors(layer, clusters, weights) if align else {}

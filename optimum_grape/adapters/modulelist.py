@@ -16,20 +16,16 @@ correction bias, need their own adapter (docs/adding_a_family.md).
 from __future__ import annotations
 
 import logging
-
-import re
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..algorithms.merging import combine_rows
 from ..errors import UnsupportedModelError
-from .base import MoEAdapter, MoELayer, RoutingSpec
-from .fused import COUNT_ATTRIBUTES
+from .base import MoEAdapter, MoELayer, decoder_layer_index, find_router_child, set_count_attributes
 
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+logger = logging.getLogger("optimum_grape")
 COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k", "moe_top_k")
 
@@ -44,7 +40,6 @@ def is_expert_list(module: nn.Module) -> bool:
             and len({type(m) for m in module}) == 1 and any(True for _ in module[0].parameters()))
 
 
-logger = logging.getLogger("optimum_grape")
 
 class ModuleListExpertsAdapter(MoEAdapter):
     """Experts as `block.experts = nn.ModuleList([MLP, ...])`, router = a sibling with weight [E, H]."""
@@ -63,18 +58,14 @@ class ModuleListExpertsAdapter(MoEAdapter):
             if not is_expert_list(experts):
                 continue
             router = self._find_router(block, experts)
-            match = _LAYER_INDEX.search(name + ".")
-            if match is None:
-                raise UnsupportedModelError(f"Cannot tell the decoder layer of MoE block {name!r}.")
-            layers.append(MoELayer(int(match.group(1)), name, block, experts, router, self._top_k(block, router, model)))
+            layers.append(MoELayer(decoder_layer_index(name), name, block, experts, router,
+                                   self._top_k(block, router, model)))
         return sorted(layers, key=lambda layer: layer.index)
 
     def _find_router(self, block: nn.Module, experts: nn.ModuleList) -> nn.Module:
-        for child in block.children():
-            weight = getattr(child, "weight", None)
-            if child is not experts and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
-                    and weight.shape[0] == len(experts):
-                return child
+        router = find_router_child(block, experts, len(experts))
+        if router is not None:
+            return router
         raise UnsupportedModelError(
             f"{type(block).__name__} holds {len(experts)} experts in an nn.ModuleList but no router child with "
             f"a [{len(experts)}, hidden] weight; write an adapter for it (docs/adding_a_family.md).")
@@ -95,22 +86,9 @@ class ModuleListExpertsAdapter(MoEAdapter):
     def run_experts(self, layer: MoELayer, hidden: torch.Tensor, expert_ids: Iterable[int]) -> torch.Tensor:
         return torch.stack([layer.experts[e](hidden) for e in expert_ids], dim=0)
 
-    def router_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, layer.router.weight, getattr(layer.router, "bias", None))
-
-    def routing_spec(self, layer: MoELayer, config) -> RoutingSpec:
-        return RoutingSpec(top_k=layer.top_k, scoring="softmax",
-                           norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)))
-
     # -- changing ---------------------------------------------------------------------------------
     def set_count(self, layer: MoELayer, count: int) -> None:
-        for module in (layer.block, layer.router):
-            for attr in COUNT_ATTRIBUTES:
-                value = getattr(module, attr, None)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    if attr == "out_features" and not isinstance(module, nn.Linear):
-                        continue
-                    setattr(module, attr, count)
+        set_count_attributes((layer.block, layer.router), count)
 
     def _set_experts(self, layer: MoELayer, experts: list[nn.Module]) -> None:
         new = nn.ModuleList(experts)

@@ -30,9 +30,7 @@ def cluster_weights(clusters: list[list[int]], frequency: torch.Tensor | None, m
 
 def router_weights(clusters: list[list[int]], mode: str) -> list[list[float]]:
     """How each kept router row is formed: the representative's row, or the mean of the members' rows."""
-    if mode == "mean":
-        return cluster_weights(clusters, None, "mean")
-    return [[1.0] + [0.0] * (len(c) - 1) for c in clusters]
+    return cluster_weights(clusters, None, "mean" if mode == "mean" else "drop")
 
 
 def combine_rows(tensor: torch.Tensor, clusters: list[list[int]], weights: list[list[float]]) -> torch.Tensor:

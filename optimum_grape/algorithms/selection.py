@@ -77,16 +77,24 @@ def average_linkage(affinity: torch.Tensor, keep: int) -> list[list[int]]:
     return state.result()
 
 
+def top_k_routing(logits: torch.Tensor, scoring: str, top_k: int, norm_topk_prob: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_weights, top_k_index) of [T, E] router logits: softmax or sigmoid scores, top-k,
+    optional renormalisation (a RoutingSpec's rule). Computed in the logits' dtype."""
+    scores = torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+    weights, index = scores.topk(min(top_k, logits.shape[-1]), dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return weights, index
+
+
 def route(logits: torch.Tensor, routing: dict, subset: list[int] | None = None) -> torch.Tensor:
     """Dense routing weights [T, E] a layer would use if only `subset` experts existed (zeros
-    elsewhere), following its RoutingSpec: softmax or sigmoid scores, top-k, optional renormalisation."""
+    elsewhere), following its RoutingSpec."""
     experts = list(range(logits.shape[1])) if subset is None else list(subset)
     sub = logits[:, experts].double()
-    scores = torch.sigmoid(sub) if routing.get("scoring") == "sigmoid" else torch.softmax(sub, dim=-1)
-    k = min(int(routing["top_k"]), len(experts))
-    top_val, top_idx = scores.topk(k, dim=-1)
-    if routing.get("norm_topk_prob", True):
-        top_val = top_val / top_val.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    top_val, top_idx = top_k_routing(sub, routing.get("scoring", "softmax"), int(routing["top_k"]),
+                                     routing.get("norm_topk_prob", True))
     dense = torch.zeros_like(logits, dtype=torch.float64)
     dense[:, experts] = torch.zeros_like(sub).scatter(1, top_idx, top_val)
     return dense

@@ -15,16 +15,8 @@ import contextlib
 import torch
 
 from ..adapters.base import RoutingSpec
+from ..algorithms.selection import top_k_routing
 from ..errors import UnsupportedModelError
-
-
-def route(logits: torch.Tensor, spec: RoutingSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top_k_index, top_k_weights) of [T, E] router logits under `spec`."""
-    scores = torch.sigmoid(logits.float()) if spec.scoring == "sigmoid" else torch.softmax(logits.float(), dim=-1)
-    weights, index = torch.topk(scores, spec.top_k, dim=-1)
-    if spec.norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return index, weights.to(logits.dtype)
 
 
 def _router_hook(layer, spec: RoutingSpec, recorder):
@@ -36,8 +28,9 @@ def _router_hook(layer, spec: RoutingSpec, recorder):
                 f"[..., {layer.num_experts}]; the structural adapter cannot calibrate it. Write an adapter for "
                 "this family (docs/adding_a_family.md).")
         hidden = args[0].reshape(-1, args[0].shape[-1])
-        index, weights = route(logits.reshape(-1, logits.shape[-1]), spec)
-        recorder.forward(hidden, index, weights)
+        flat = logits.reshape(-1, logits.shape[-1])
+        weights, index = top_k_routing(flat.float(), spec.scoring, spec.top_k, spec.norm_topk_prob)
+        recorder.forward(hidden, index, weights.to(flat.dtype))
 
     return hook
 

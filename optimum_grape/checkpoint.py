@@ -16,7 +16,7 @@ from .plan import PruningPlan
 PLAN_FILE = "grape_plan.json"
 
 
-def _check_destination(out_dir: Path, overwrite: bool) -> None:
+def check_destination(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise CheckpointError(
             f"Output folder {str(out_dir)!r} exists and is not empty; choose a new folder or pass overwrite=True "
@@ -39,7 +39,7 @@ def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None,
     """Write everything next to the destination first, then move it into place: an interrupted save
     never leaves a half-written checkpoint at `out_dir`."""
     out_dir = Path(out_dir)
-    _check_destination(out_dir, overwrite)
+    check_destination(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
@@ -57,22 +57,27 @@ def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None,
     return out_dir
 
 
-def push_pruned(model, repo_id: str, tokenizer=None, plan=None, evaluation=None, private=None, token=None,
-                base_model: str | None = None, api=None):
-    """Upload the same folder `save_pruned` writes. The card goes up in a second commit, after the
+def push_folder(folder, repo_id: str, private=None, token=None, api=None):
+    """Upload a folder written by `save_pruned`. The card goes up in a second commit, after the
     weights, because uploading a model through transformers replaces README.md."""
     from huggingface_hub import HfApi
 
+    folder = Path(folder)
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload GRAPE-pruned model",
+                      ignore_patterns=["README.md"])
+    return api.upload_file(path_or_fileobj=(folder / "README.md").read_bytes(), path_in_repo="README.md",
+                           repo_id=repo_id, commit_message="Add GRAPE model card")
+
+
+def push_pruned(model, repo_id: str, tokenizer=None, plan=None, evaluation=None, private=None, token=None,
+                base_model: str | None = None, api=None):
+    """Write the folder `save_pruned` writes into a temporary place and upload it (`push_folder`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "model"
-        save_pruned(model, folder, tokenizer, plan, evaluation=evaluation, base_model=base_model)
-        card = (folder / "README.md").read_text(encoding="utf-8")
-        (folder / "README.md").unlink()
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload GRAPE-pruned model")
-        return api.upload_file(path_or_fileobj=card.encode("utf-8"), path_in_repo="README.md", repo_id=repo_id,
-                               commit_message="Add GRAPE model card")
+        folder = save_pruned(model, Path(tmp) / "model", tokenizer, plan, evaluation=evaluation,
+                             base_model=base_model)
+        return push_folder(folder, repo_id, private=private, token=token, api=api)
 
 
 def read_plan(folder) -> PruningPlan | None:

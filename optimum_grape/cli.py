@@ -66,15 +66,24 @@ def cmd_prune(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import _check_destination
+    from .checkpoint import check_destination, push_folder
+    from .config import GrapeConfig
     from .evaluation import count_parameters, folder_bytes
     from .plan import PruningPlan
     from .pruner import GrapePruner
 
-    config = _config_from_args(args) if args.plan is None else None
+    # Everything that can be refused is checked before the model is loaded.
     output = Path(args.output)
-    _check_destination(output, args.overwrite)  # refuse before any expensive work
-    pruner = GrapePruner(config) if config is not None else None
+    check_destination(output, args.overwrite)
+    if args.plan is not None:
+        if not Path(args.plan).is_file():
+            raise GrapeError(f"--plan {args.plan!r} is not a file; pass the grape_plan.json of an earlier prune.")
+        plan = PruningPlan.from_json(Path(args.plan).read_text(encoding="utf-8"))
+        pruner = GrapePruner(GrapeConfig(method=plan.method, num_experts_to_prune=max(1, plan.num_removed),
+                                         allocation=plan.metadata.get("allocation"), merge=plan.metadata.get("merge"),
+                                         router=plan.router, align_neurons=plan.align_neurons))
+    else:
+        pruner = GrapePruner(_config_from_args(args))
     base = _resolve_base(args.base)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=args.trust_remote_code)
@@ -83,14 +92,7 @@ def cmd_prune(args) -> int:
     bytes_before = folder_bytes(base) if Path(base).is_dir() else None
     before = _evaluate(model, tokenizer, args.eval_tokens, args.sequence_length) if args.evaluate else {}
     start = time.perf_counter()
-    if args.plan is not None:
-        plan = PruningPlan.from_json(Path(args.plan).read_text(encoding="utf-8"))
-        from .config import GrapeConfig
-
-        pruner = GrapePruner(GrapeConfig(method=plan.method, num_experts_to_prune=max(1, plan.num_removed),
-                                         allocation=plan.metadata.get("allocation"), merge=plan.metadata.get("merge"),
-                                         router=plan.router, align_neurons=plan.align_neurons))
-    else:
+    if args.plan is None:
         stats = pruner.calibrate(model, None, tokenizer)
         if args.save_stats:
             stats.save(args.save_stats)
@@ -121,7 +123,7 @@ def cmd_prune(args) -> int:
               f"({after[domain] / before[domain]:.3f}x)")
     print(f"pruning took {elapsed:.1f}s; wrote {output} (model card: {output / 'README.md'})")
     if args.push_to_hub:
-        pruner.push_to_hub(model, args.push_to_hub, tokenizer)
+        push_folder(output, args.push_to_hub)  # the folder just written: no second serialisation
         print(f"pushed to https://huggingface.co/{args.push_to_hub}")
     return 0
 

@@ -62,6 +62,11 @@ def test_existing_output_is_refused_before_loading(base_folder, tmp_path):
     assert result.returncode == 2 and "overwrite" in result.stderr
 
 
+def test_missing_plan_is_refused_before_loading(tmp_path):
+    result = run_cli("prune", "/does/not/exist", "--output", tmp_path / "o", "--plan", tmp_path / "none.json")
+    assert result.returncode == 2 and "is not a file" in result.stderr
+
+
 def test_bad_ratio_is_refused(base_folder, tmp_path):
     result = run_cli("prune", base_folder, "--output", tmp_path / "o", "--ratio", "1.5")
     assert result.returncode == 2 and "outside (0, 1)" in result.stderr

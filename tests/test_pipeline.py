@@ -166,9 +166,11 @@ def test_push_uploads_weights_first_then_the_card(tmp_path):
         def create_repo(self, repo_id, private=None, exist_ok=False):
             self.calls.append(("create_repo", repo_id))
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns=()):
+            from fnmatch import fnmatch
             from pathlib import Path
-            self.calls.append(("upload_folder", sorted(p.name for p in Path(folder_path).iterdir())))
+            names = [p.name for p in Path(folder_path).iterdir()]
+            self.calls.append(("upload_folder", sorted(n for n in names if not any(fnmatch(n, g) for g in ignore_patterns))))
 
         def upload_file(self, path_or_fileobj, path_in_repo, repo_id, commit_message):
             self.calls.append(("upload_file", path_in_repo, path_or_fileobj.decode()[:3]))

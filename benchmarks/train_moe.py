@@ -1,21 +1,24 @@
-"""Train the small default Mixtral-style MoE model shipped in ``optimum_grape/default_model/``.
+"""Train the from-scratch MoE testbeds: the small Mixtral model shipped in
+``optimum_grape/default_model/`` (testbed ``default``) and a fine-grained Qwen2-MoE model with a
+shared expert (testbed ``qwen2moe-16e``, cached under ``benchmarks/testbeds/cache/``, not shipped).
 
-This module owns the *model* side of the benchmark:
+This module owns the *model* side of those testbeds:
 
 1. trains a byte-level BPE tokenizer (vocab 4096) on ``benchmarks/corpus/data/train.txt``
    (built by ``benchmarks/corpus/build_corpus.py``);
-2. trains a ``MixtralForCausalLM`` from scratch (fp32, CPU) with the load-balancing
-   auxiliary loss so that every expert stays in use;
+2. trains the testbed's architecture from scratch (fp32, CPU) with a load-balancing loss computed
+   per layer (``benchmarks/testbeds/balance.py`` says why), so that every expert of every layer
+   stays in use as in the large MoEs the papers prune;
 3. checkpoints resumably (safetensors + JSON, never pickle) under
-   ``benchmarks/corpus/.train_state/``;
+   ``benchmarks/corpus/.train_state/<testbed>/``;
 4. evaluates held-out perplexity per domain against unigram / bigram baselines
-   (``benchmarks/lm_baselines.py``), measures per-layer expert usage, and writes the
+   (``benchmarks/lm_baselines.py``), measures per-layer routing balance, and writes the
    model, tokenizer, model card and ``training_summary.json`` into the output directory.
 
 Usage::
 
-    python benchmarks/train_moe.py --steps 3000            # fresh run
-    python benchmarks/train_moe.py --steps 3000 --resume   # continue after interruption
+    python benchmarks/train_moe.py --testbed default --steps 2000            # fresh run
+    python benchmarks/train_moe.py --testbed default --steps 2000 --resume   # continue after interruption
 """
 
 from __future__ import annotations
@@ -36,13 +39,20 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from lm_baselines import fit_add_k, window_targets  # noqa: E402
+from testbeds.balance import balance_report, per_layer_balance_loss  # noqa: E402
 
 TRAIN_TXT = REPO_ROOT / "benchmarks" / "corpus" / "data" / "train.txt"
-STATE_DIR = REPO_ROOT / "benchmarks" / "corpus" / ".train_state"
+STATE_ROOT = REPO_ROOT / "benchmarks" / "corpus" / ".train_state"
+STATE_DIR = STATE_ROOT  # set per testbed in main()
 HELDOUT_DIR = REPO_ROOT / "optimum_grape" / "data" / "heldout"
 CALIB_TXT = REPO_ROOT / "optimum_grape" / "data" / "calibration.txt"
-DEFAULT_OUT = REPO_ROOT / "optimum_grape" / "default_model"
-DEFAULT_LOG = REPO_ROOT / "benchmarks" / "results" / "train_log.json"
+CACHE = REPO_ROOT / "benchmarks" / "testbeds" / "cache"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+# testbed -> (where the trained model goes, where its training log goes)
+OUTPUTS = {
+    "default": (REPO_ROOT / "optimum_grape" / "default_model", RESULTS / "default" / "train_log.json"),
+    "qwen2moe-16e": (CACHE / "qwen2moe-16e", RESULTS / "qwen2moe-16e" / "train_log.json"),
+}
 DOMAINS = ("sotu", "bible", "python_docs")
 
 VOCAB_SIZE = 4096
@@ -109,31 +119,40 @@ def windows(stream: np.ndarray, seq_len: int = SEQ_LEN) -> torch.Tensor:
 # model
 # ---------------------------------------------------------------------------
 
-def build_model(tok, seed: int):
-    from transformers import MixtralConfig, MixtralForCausalLM
+def build_config(testbed: str, tok):
+    """The architecture of each from-scratch testbed."""
+    common = dict(vocab_size=VOCAB_SIZE, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  max_position_embeddings=512, tie_word_embeddings=True, output_router_logits=False,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if testbed == "default":
+        from transformers import MixtralConfig
 
-    config = MixtralConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,  # hidden_size / num_attention_heads
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        output_router_logits=True,
-        router_aux_loss_coef=0.02,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        sliding_window=None,
-    )
+        # Mixtral-8x7B's shape, scaled down: 8 experts, top-2, every layer MoE.
+        return MixtralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_local_experts=8,
+                             num_experts_per_tok=2, sliding_window=None, **common)
+    if testbed == "qwen2moe-16e":
+        from transformers import Qwen2MoeConfig
+
+        # Fine-grained like DeepSeek-MoE / Qwen-MoE: many small routed experts, top-4 (1/4 of them
+        # active), one always-on shared expert of four experts' width, every layer MoE.
+        return Qwen2MoeConfig(hidden_size=128, intermediate_size=512, moe_intermediate_size=64,
+                              shared_expert_intermediate_size=256, num_hidden_layers=8, num_experts=16,
+                              num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1,
+                              mlp_only_layers=[], use_sliding_window=False, **common)
+    raise SystemExit(f"unknown testbed {testbed!r}; choose one of {sorted(OUTPUTS)}")
+
+
+def num_experts_of(config) -> int:
+    return int(getattr(config, "num_local_experts", None) or config.num_experts)
+
+
+def build_model(testbed: str, tok, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    config = build_config(testbed, tok)
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(config)
-    # Mixtral declares lm_head as tied to embed_tokens; make sure that really happened,
+    model = AutoModelForCausalLM.from_config(config)
+    # The config declares lm_head tied to embed_tokens; make sure that really happened,
     # otherwise parameter counts and the saved size would silently double.
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "embeddings not tied"
     return model
@@ -214,7 +233,8 @@ def evaluate(model, win: torch.Tensor, batch_size: int = 16) -> tuple[float, int
     model.eval()
     cfg = model.config
     total_nll, total_tok = 0.0, 0
-    usage = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
+    n_exp = num_experts_of(cfg)
+    usage = torch.zeros(cfg.num_hidden_layers, n_exp, dtype=torch.long)
     for i in range(0, len(win), batch_size):
         x = win[i : i + batch_size]
         out = model(input_ids=x, output_router_logits=True)
@@ -225,7 +245,7 @@ def evaluate(model, win: torch.Tensor, batch_size: int = 16) -> tuple[float, int
         total_tok += x[:, 1:].numel()
         for layer, rl in enumerate(out.router_logits):
             top = rl.topk(cfg.num_experts_per_tok, dim=-1).indices.reshape(-1)
-            usage[layer] += torch.bincount(top, minlength=cfg.num_local_experts)
+            usage[layer] += torch.bincount(top, minlength=n_exp)
     model.train()
     return total_nll / total_tok, total_tok, usage
 
@@ -241,7 +261,8 @@ def seed_everything(seed: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Train the default MoE model (see module docstring).")
+    ap = argparse.ArgumentParser(description="Train a from-scratch MoE testbed (see module docstring).")
+    ap.add_argument("--testbed", choices=sorted(OUTPUTS), default="default")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -251,12 +272,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--ckpt-every", type=int, default=200)
+    ap.add_argument("--balance-coef", type=float, default=0.05,
+                    help="weight of the per-layer load-balancing loss (testbeds/balance.py)")
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--log-json", type=Path, default=DEFAULT_LOG)
+    ap.add_argument("--out", type=Path, default=None, help="default: the testbed's output folder")
+    ap.add_argument("--log-json", type=Path, default=None)
     ap.add_argument("--max-train-bytes", type=int, default=0,
                     help="use only the first N bytes of train.txt (smoke tests)")
     args = ap.parse_args()
+    global STATE_DIR
+    STATE_DIR = STATE_ROOT / args.testbed
+    args.out = args.out or OUTPUTS[args.testbed][0]
+    args.log_json = args.log_json or OUTPUTS[args.testbed][1]
 
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -275,7 +302,7 @@ def main() -> None:
         chunks = keep
 
     tok_dir = STATE_DIR / "tokenizer"
-    ids_path = STATE_DIR.with_name("data") / f"train_ids_{args.max_train_bytes}.npy"
+    ids_path = TRAIN_TXT.parent / f"{args.testbed}_train_ids_{args.max_train_bytes}.npy"
     if args.resume:
         tok = load_tokenizer(tok_dir)
     else:
@@ -293,7 +320,7 @@ def main() -> None:
     print(f"train: {len(chunks)} chunks, {len(train_ids):,} tokens, {len(train_win)} windows of {SEQ_LEN}; "
           f"{args.steps * args.batch_size / len(train_win):.2f} epochs planned", flush=True)
 
-    model = build_model(tok, args.seed)
+    model = build_model(args.testbed, tok, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters (tied embeddings)", flush=True)
     # No weight decay on norms / router / embeddings-free vectors (1-D params).
@@ -310,7 +337,7 @@ def main() -> None:
         print(f"resumed at step {step}", flush=True)
 
     model.train()
-    coef = model.config.router_aux_loss_coef
+    top_k = model.config.num_experts_per_tok
     t_seg, tok_seg = time.time(), 0
     t_train0, train_s0 = time.time(), meta["train_seconds"]
     while step < args.steps:
@@ -318,8 +345,11 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         x = train_win[batch_indices(step, args.batch_size, len(train_win), args.seed)]
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
+        out = model(input_ids=x, output_router_logits=True)
+        logits = out.logits[:, :-1].float()
+        lm_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        aux = per_layer_balance_loss(out.router_logits, top_k)
+        (lm_loss + args.balance_coef * aux).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -327,8 +357,8 @@ def main() -> None:
         tok_seg += x.numel()
         if step % args.log_every == 0 or step == args.steps:
             dt = time.time() - t_seg
-            aux = out.aux_loss.item()
-            rec = {"step": step, "loss": round(out.loss.item() - coef * aux, 4), "aux_loss": round(aux, 4),
+            aux = aux.item()
+            rec = {"step": step, "loss": round(lm_loss.item(), 4), "aux_loss": round(aux, 4),
                    "lr": lr, "grad_norm": round(float(grad_norm), 3), "tokens_per_s": round(tok_seg / dt, 1),
                    "elapsed_s": round(train_s0 + time.time() - t_train0, 1)}
             log.append(rec)
@@ -353,7 +383,7 @@ def finish(model, tok, train_ids, args, meta, log, n_params, wall_s) -> None:
     unigram = fit_add_k(train_ids, VOCAB_SIZE, order=1, tune_on=calib_stream)
     bigram = fit_add_k(train_ids, VOCAB_SIZE, order=2, tune_on=calib_stream)
 
-    results, usage_total = {}, torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
+    results, usage_total = {}, torch.zeros(cfg.num_hidden_layers, num_experts_of(cfg), dtype=torch.long)
     for dom in DOMAINS:
         stream = encode_stream(tok, read_chunks(HELDOUT_DIR / f"{dom}.txt"))
         win = windows(stream)
@@ -378,6 +408,11 @@ def finish(model, tok, train_ids, args, meta, log, n_params, wall_s) -> None:
     dead = [(layer, e) for layer in range(len(frac)) for e in range(len(frac[0])) if usage_total[layer, e] == 0]
     if dead:
         print(f"WARNING: experts never routed on held-out text: {dead}", flush=True)
+    balance = balance_report(dict(enumerate(usage_total)))
+    print(f"routing balance (held-out): smallest expert share {balance['min_share']:.4f} "
+          f"(target >= {balance['target_min_share']:.4f}), smallest normalised entropy "
+          f"{balance['min_normalised_entropy']:.4f} (target >= 0.95): "
+          f"{'meets' if balance['meets_targets'] else 'MISSES'} the targets", flush=True)
 
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,17 +423,21 @@ def finish(model, tok, train_ids, args, meta, log, n_params, wall_s) -> None:
     tok.save_pretrained(out_dir)
     tokens_seen = args.steps * args.batch_size * SEQ_LEN
     summary = {
-        "architecture": "MixtralForCausalLM",
+        "testbed": args.testbed,
+        "architecture": cfg.architectures[0] if cfg.architectures else type(model).__name__,
         "parameters": n_params,
         "config": {k: getattr(cfg, k) for k in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
-            "max_position_embeddings", "tie_word_embeddings", "router_aux_loss_coef")},
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "shared_expert_intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "num_experts_per_tok", "max_position_embeddings",
+            "tie_word_embeddings") if hasattr(cfg, k)} | {"num_experts": num_experts_of(cfg)},
         "training": {
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": SEQ_LEN,
             "tokens_seen": tokens_seen, "train_split_tokens": int(len(train_ids)),
             "epochs": round(tokens_seen / len(train_ids), 3), "peak_lr": args.lr, "warmup_steps": args.warmup,
             "weight_decay": args.weight_decay, "seed": args.seed, "threads": args.threads,
+            "balance_loss": "per-layer Switch loss (benchmarks/testbeds/balance.py)",
+            "balance_coef": args.balance_coef,
             "train_seconds": round(meta["train_seconds"], 1),
             "final_train_loss": log[-1]["loss"] if log else None,
             "final_aux_loss": log[-1]["aux_loss"] if log else None,
@@ -408,6 +447,7 @@ def finish(model, tok, train_ids, args, meta, log, n_params, wall_s) -> None:
         "baselines": {"unigram_k": unigram.k, "bigram_k": bigram.k,
                       "note": "add-k smoothing fitted on the train split, k chosen on calibration.txt"},
         "expert_usage_fraction": [[round(f, 4) for f in row] for row in frac],
+        "routing_balance": balance,
         "dead_experts": dead,
         "command": reproduce_command(args),
     }
@@ -422,8 +462,8 @@ def finish(model, tok, train_ids, args, meta, log, n_params, wall_s) -> None:
 
 def reproduce_command(args) -> str:
     cmd = ("python benchmarks/corpus/build_corpus.py && python benchmarks/train_moe.py "
-           f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --warmup {args.warmup} "
-           f"--seed {args.seed} --threads {args.threads}")
+           f"--testbed {args.testbed} --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
+           f"--warmup {args.warmup} --balance-coef {args.balance_coef} --seed {args.seed} --threads {args.threads}")
     if args.max_train_bytes:
         cmd += f" --max-train-bytes {args.max_train_bytes}"
     return cmd
@@ -436,7 +476,19 @@ def model_card(s: dict) -> str:
         for d, r in s["heldout_perplexity"].items())
     usage = "\n".join(f"| {i} | " + " | ".join(f"{f:.3f}" for f in row) + " |"
                       for i, row in enumerate(s["expert_usage_fraction"]))
-    n_exp = c["num_local_experts"]
+    n_exp = c["num_experts"]
+    b = s["routing_balance"]
+    if s["testbed"] == "default":
+        title, blurb, tag = "optimum-grape default tiny MoE", (
+            "A tiny Mixtral-architecture Mixture-of-Experts language model trained from scratch on CPU,\n"
+            "shipped with `optimum-grape` so that expert pruning can be demonstrated and tested offline."), "mixtral"
+        experts = f"{n_exp} experts per layer with intermediate size {c['intermediate_size']}"
+    else:
+        title, blurb, tag = f"optimum-grape testbed {s['testbed']}", (
+            "A fine-grained Qwen2-MoE-architecture language model (many small routed experts plus one\n"
+            "always-on shared expert) trained from scratch on CPU as a pruning testbed for `optimum-grape`."), "qwen2_moe"
+        experts = (f"{n_exp} routed experts per layer with intermediate size {c['moe_intermediate_size']} and one "
+                   f"shared expert of intermediate size {c['shared_expert_intermediate_size']}")
     return f"""---
 license: other
 license_name: mixed-public-domain-and-psf
@@ -444,22 +496,21 @@ library_name: transformers
 pipeline_tag: text-generation
 tags:
 - moe
-- mixtral
+- {tag}
 - tiny
 - optimum-grape
 ---
 
-# optimum-grape default tiny MoE
+# {title}
 
-A tiny Mixtral-architecture Mixture-of-Experts language model trained from scratch on CPU,
-shipped with `optimum-grape` so that expert pruning can be demonstrated and tested offline.
+{blurb}
 It is a toy (a few million parameters), not a useful assistant.
 
 ## Architecture
 
-`MixtralForCausalLM`, {s['parameters']:,} parameters: {c['num_hidden_layers']} layers, hidden size
+`{s['architecture']}`, {s['parameters']:,} parameters: {c['num_hidden_layers']} layers, hidden size
 {c['hidden_size']}, {c['num_attention_heads']} attention heads ({c['num_key_value_heads']} KV heads, head dim
-{c['head_dim']}), {n_exp} experts per layer with intermediate size {c['intermediate_size']}, top-{c['num_experts_per_tok']}
+{c['head_dim']}), {experts}, top-{c['num_experts_per_tok']}
 routing, vocabulary {c['vocab_size']} (byte-level BPE), tied input/output embeddings, context
 {c['max_position_embeddings']}. Weights are fp32.
 
@@ -479,9 +530,11 @@ calibration and held-out files ship in `optimum_grape/data/`.
 
 {t['steps']} steps of batch {t['batch_size']} x {t['seq_len']} tokens ({t['tokens_seen']:,} tokens,
 {t['epochs']} epochs of the {t['train_split_tokens']:,}-token train split), AdamW (peak lr {t['peak_lr']},
-warmup {t['warmup_steps']} steps, cosine decay, weight decay {t['weight_decay']}), load-balancing loss
-coefficient {c['router_aux_loss_coef']}, fp32 on {t['threads']} CPU threads, {t['train_seconds'] / 60:.1f} minutes.
-Final training loss {t['final_train_loss']} (aux loss {t['final_aux_loss']}).
+warmup {t['warmup_steps']} steps, cosine decay, weight decay {t['weight_decay']}), a load-balancing loss
+computed per layer (Switch loss averaged over layers, coefficient {t['balance_coef']}: transformers' own loss
+pools all layers, which let single layers collapse in an earlier version), fp32 on {t['threads']} CPU threads,
+{t['train_seconds'] / 60:.1f} minutes. Final training loss {t['final_train_loss']} (balance loss
+{t['final_aux_loss']}; 1.0 is perfectly balanced).
 
 ## Held-out perplexity
 
@@ -502,7 +555,9 @@ Fraction of top-{c['num_experts_per_tok']} routing choices per expert on the hel
 |---|{'---|' * n_exp}
 {usage}
 
-Experts never routed: {s['dead_experts'] or 'none'}.
+Experts never routed: {s['dead_experts'] or 'none'}. Smallest expert share in any layer
+{b['min_share']:.4f} (target >= 1/(4E) = {b['target_min_share']:.4f}); smallest normalised routing entropy
+{b['min_normalised_entropy']:.4f} (target >= 0.95).
 
 ## Reproduce
 

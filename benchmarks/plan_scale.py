@@ -67,7 +67,7 @@ def plan_at_scale(name: str, ratio: float = 0.25, seed: int = 0) -> dict:
     start = time.perf_counter()
     specs = {l.index: adapter.routing_spec(l, model.config) for l in layers}
     groups = {l: (s.n_group, s.min_grouped) for l, s in specs.items() if s.n_group > 1}
-    result = grape_global_merge(sims, floors, budget, GrapeConfig(pruning_ratio=ratio).entropy_tolerance, groups)
+    result = grape_global_merge(sims, floors, budget, GrapeConfig(pruning_ratio=ratio, preset="paper").entropy_tolerance, groups)
     plan_s = time.perf_counter() - start
     plan = PruningPlan(clusters={l: order_clusters(c, None) for l, c in result.clusters.items()},
                        num_experts_before=num_experts, method="grape")

@@ -32,6 +32,21 @@ def layout_from_plan(plan: PruningPlan) -> dict:
 
 @torch.no_grad()
 def apply_plan(model, plan: PruningPlan, pruning_config=None) -> None:
+    adapter = apply_clusters(model, plan)
+    if plan.metadata.get("routing_overrides"):
+        changed = plan.metadata["routing_overrides"]
+        logger.warning("%d layer(s) keep expert counts their grouped router cannot split (%s): routing there falls "
+                       "back as recorded in the plan, config and model card: %s", len(changed),
+                       ", ".join(f"layer {l}: {plan.experts_per_layer[int(l)]}" for l in changed),
+                       next(iter(changed.values())))
+    record_layout(model, adapter, plan, pruning_config)
+    logger.info("Applied plan. %s", plan.summary())
+
+
+@torch.no_grad()
+def apply_clusters(model, plan: PruningPlan) -> MoEAdapter:
+    """Rewrite every MoE layer the plan covers (tensors and routing), leaving `model.config` alone:
+    what candidate scoring needs, and the first half of `apply_plan`."""
     adapter, layers = find_moe_layers(model)
     by_index = {layer.index: layer for layer in layers}
     for index, clusters in sorted(plan.clusters.items()):
@@ -51,14 +66,7 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None) -> None:
         if overrides:
             adapter.apply_routing_overrides(layer, overrides)
             plan.metadata.setdefault("routing_overrides", {})[str(index)] = overrides
-    if plan.metadata.get("routing_overrides"):
-        changed = plan.metadata["routing_overrides"]
-        logger.warning("%d layer(s) keep expert counts their grouped router cannot split (%s): routing there falls "
-                       "back as recorded in the plan, config and model card: %s", len(changed),
-                       ", ".join(f"layer {l}: {plan.experts_per_layer[int(l)]}" for l in changed),
-                       next(iter(changed.values())))
-    record_layout(model, adapter, plan, pruning_config)
-    logger.info("Applied plan. %s", plan.summary())
+    return adapter
 
 
 def record_layout(model, adapter: MoEAdapter, plan: PruningPlan, pruning_config=None) -> None:

@@ -41,15 +41,34 @@ def _resolve_base(base: str) -> str:
 def _config_from_args(args):
     from .config import GrapeConfig
 
+    # Fields the user left unset keep the preset's value (GrapeConfig's 'preset' default).
+    preset_fields = {"similarity": args.similarity, "entropy_tolerance": _gamma(args.entropy_tolerance)}
+    preset_fields = {k: v for k, v in preset_fields.items() if v is not None}
+    if args.layer_cap is not None:
+        preset_fields["layer_cap"] = None if args.layer_cap == "none" else _number("--layer-cap", args.layer_cap)
+    if args.no_protect_super_experts:
+        preset_fields["protect_super_experts"] = False
     return GrapeConfig(
         method=args.method, pruning_ratio=args.ratio, num_experts_to_prune=args.num_experts_to_prune,
-        allocation=args.allocation, similarity=args.similarity, entropy_tolerance=args.entropy_tolerance,
+        allocation=args.allocation, preset=args.preset, selection_samples=args.selection_samples, **preset_fields,
         min_experts_per_layer=args.min_experts_per_layer, merge=args.merge, router=args.router,
         dataset=args.dataset, num_samples=args.num_samples, sequence_length=args.sequence_length,
         batch_size=args.batch_size, max_tokens_per_layer=args.max_tokens_per_layer, seed=args.seed,
         align_neurons=not args.no_align,
         method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else {},
     )
+
+
+def _number(flag: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise GrapeError(f"{flag} {value!r} is not a number.") from None
+
+
+def _gamma(value: str | None):
+    """--entropy-tolerance: 'auto' or a number in [0, 1] (argparse gives a string)."""
+    return value if value is None or value == "auto" else _number("--entropy-tolerance", value)
 
 
 def _evaluate(model, tokenizer, max_tokens: int, window: int) -> dict[str, float]:
@@ -96,7 +115,7 @@ def cmd_prune(args) -> int:
         stats = pruner.calibrate(model, None, tokenizer)
         if args.save_stats:
             stats.save(args.save_stats)
-        plan = pruner.plan(stats)
+        plan = pruner.plan(stats, model)  # scores GRAPE's candidate plans on held-aside calibration text
     pruner.apply(model, plan)
     elapsed = time.perf_counter() - start
     after = _evaluate(model, tokenizer, args.eval_tokens, args.sequence_length) if args.evaluate else {}
@@ -175,14 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", default="grape", help="pruning method (see `optimum-grape methods`)")
     prune.add_argument("--allocation", choices=["global", "uniform"], default=None,
                        help="global: one budget where redundancy is; uniform: same cut per layer")
-    prune.add_argument("--similarity", choices=["cka", "cosine", "mse"], default="cka")
+    prune.add_argument("--preset", choices=["default", "paper"], default="default",
+                       help="default: usage-aware merge cost, layer cap, super experts kept, gamma chosen end to end; "
+                            "paper: GRAPE's Algorithm 1 as published (CKA, gamma 0.1, no cap); see docs/methods.md")
+    prune.add_argument("--similarity", choices=["merge_cost", "cka", "cosine", "mse"], default=None,
+                       help="expert similarity (default: the preset's: merge_cost, or cka for --preset paper)")
     prune.add_argument("--merge", choices=["weighted", "drop", "affinity"], default=None,
                        help="how a cluster becomes one expert (default: the method's own)")
     prune.add_argument("--router", choices=["representative", "mean"], default=None,
                        help="router row of a merged expert (default: the method's own)")
     prune.add_argument("--no-align", action="store_true",
                        help="average merged experts without first aligning their neurons")
-    prune.add_argument("--entropy-tolerance", type=float, default=0.1, help="GRAPE gamma in [0, 1]")
+    prune.add_argument("--entropy-tolerance", default=None, metavar="GAMMA",
+                       help="GRAPE gamma in [0, 1], or 'auto' (default preset): plan several gammas and the uniform "
+                            "allocation, keep the closest to the unpruned model on held-aside calibration text")
+    prune.add_argument("--layer-cap", default=None, metavar="FACTOR",
+                       help="a layer loses at most FACTOR x the average cut ('none': no cap; default preset: 2)")
+    prune.add_argument("--no-protect-super-experts", action="store_true",
+                       help="allow merging experts with extreme output outliers (kept by the default preset)")
+    prune.add_argument("--selection-samples", type=int, default=8,
+                       help="calibration sequences held aside to score candidate plans (0: no scoring)")
     prune.add_argument("--min-experts-per-layer", type=int, default=1)
     prune.add_argument("--dataset", default=None, help="calibration text file or saved datasets folder "
                                                         "(default: the shipped calibration text)")

@@ -16,9 +16,23 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .errors import GrapeConfigError
 
 ALLOCATIONS = ("global", "uniform")
-SIMILARITIES = ("cka", "cosine", "mse")
+SIMILARITIES = ("merge_cost", "cka", "cosine", "mse")
 MERGE_MODES = ("weighted", "drop", "affinity")
 ROUTER_MODES = ("representative", "mean")
+AUTO = "auto"
+# A field left at PRESET takes its value from the chosen preset (docs/methods.md, "Presets").
+PRESET = "preset"
+PRESETS = {
+    # Safe and usage-aware: merge cost (gate mass x squared output distance, relative to the layer's
+    # output energy), at most twice the average cut per layer, super experts kept, and gamma chosen
+    # among candidates (uniform included) by KL to the unpruned model on held-aside calibration text.
+    "default": {"similarity": "merge_cost", "entropy_tolerance": AUTO, "layer_cap": 2.0,
+                "protect_super_experts": True},
+    # The paper's Algorithm 1 as published, with the choices it leaves open closed as in
+    # RESEARCH.md: linear CKA (as its predecessor DEK), gamma = 0.1 (a third-party port's value),
+    # no cap, no protection, no candidate search.
+    "paper": {"similarity": "cka", "entropy_tolerance": 0.1, "layer_cap": None, "protect_super_experts": False},
+}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -36,6 +50,11 @@ class GrapeConfig(QuantizationConfigMixin):
 
     quant_method: str = field(default="grape", metadata={"help": "Fixed; names this config to transformers."})
     method: str = field(default="grape", metadata={"help": "Registered method: see optimum_grape.list_methods()."})
+    preset: str = field(
+        default="default",
+        metadata={"help": "Values of the fields left at 'preset': 'default' (safe, usage-aware GRAPE) or 'paper' "
+                  "(the published Algorithm 1: CKA, gamma=0.1, no cap, no protection). See docs/methods.md."},
+    )
     pruning_ratio: float | None = field(
         default=None, metadata={"help": "Fraction of all routed experts to remove, in (0, 1)."}
     )
@@ -48,11 +67,34 @@ class GrapeConfig(QuantizationConfigMixin):
                   "None: the method's default (global for grape and cprune, uniform for the local baselines)."},
     )
     similarity: str = field(
-        default="cka", metadata={"help": "Expert-output similarity: 'cka' (linear CKA), 'cosine' or 'mse'."}
+        default=PRESET,
+        metadata={"help": "Expert similarity: 'merge_cost' (expected error of merging two experts: gate mass x "
+                  "squared output distance, relative to the layer's output energy), 'cka' (linear CKA), 'cosine' "
+                  "or 'mse'. Preset: merge_cost (default), cka (paper)."},
     )
-    # The paper gives no value for gamma; 0.1 is what a third-party port used (RESEARCH.md).
-    entropy_tolerance: float = field(
-        default=0.1, metadata={"help": "GRAPE's gamma in [0, 1]: allowed relative drop of the allocation entropy."}
+    # The paper gives no value for gamma (RESEARCH.md); 'auto' measures instead of guessing.
+    entropy_tolerance: float | str = field(
+        default=PRESET,
+        metadata={"help": "GRAPE's gamma in [0, 1]: allowed relative drop of the allocation entropy, or 'auto': "
+                  "plan with several gammas and the uniform allocation, keep the one whose pruned model is "
+                  "closest (KL) to the unpruned one on held-aside calibration text. Preset: auto (default), 0.1 "
+                  "(paper)."},
+    )
+    layer_cap: float | None = field(
+        default=PRESET,
+        metadata={"help": "GRAPE global: a layer may lose at most layer_cap x the average cut (budget / MoE layers), "
+                  "and never less than its uniform share; None: only the floors bound it. Preset: 2.0 (default), "
+                  "None (paper)."},
+    )
+    protect_super_experts: bool = field(
+        default=PRESET,
+        metadata={"help": "GRAPE: never merge experts with extreme output outliers (super experts, arXiv "
+                  "2507.23279). Preset: True (default), False (paper)."},
+    )
+    selection_samples: int = field(
+        default=8,
+        metadata={"help": "Calibration sequences held aside (after the num_samples used for statistics) to score "
+                  "candidate plans end to end when entropy_tolerance='auto'."},
     )
     min_experts_per_layer: int = field(
         default=1, metadata={"help": "Floor on experts kept per MoE layer; the router's top-k is always a floor too."}
@@ -93,6 +135,11 @@ class GrapeConfig(QuantizationConfigMixin):
     )
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise GrapeConfigError(f"GrapeConfig.preset={self.preset!r} is not one of {sorted(PRESETS)}.")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) == PRESET:
+                setattr(self, name, value)
         self.validate()
 
     def validate(self) -> None:
@@ -112,10 +159,23 @@ class GrapeConfig(QuantizationConfigMixin):
             _choice("merge", self.merge, MERGE_MODES)
         if self.router is not None:
             _choice("router", self.router, ROUTER_MODES)
-        if not 0.0 <= float(self.entropy_tolerance) <= 1.0:
+        gamma = self.entropy_tolerance
+        if gamma != AUTO and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0):
             raise GrapeConfigError(
-                f"GrapeConfig.entropy_tolerance={self.entropy_tolerance} is outside [0, 1]; 0.1 is a good start."
+                f"GrapeConfig.entropy_tolerance={gamma!r} must be a number in [0, 1] or 'auto' (measured choice)."
             )
+        cap = self.layer_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap < 1.0):
+            raise GrapeConfigError(
+                f"GrapeConfig.layer_cap={cap!r} must be a number >= 1 (times the average cut per layer) or None."
+            )
+        if not isinstance(self.protect_super_experts, bool):
+            raise GrapeConfigError(
+                f"GrapeConfig.protect_super_experts={self.protect_super_experts!r} must be True or False.")
+        if isinstance(self.selection_samples, bool) or not isinstance(self.selection_samples, int) \
+                or self.selection_samples < 0:
+            raise GrapeConfigError(f"GrapeConfig.selection_samples={self.selection_samples!r} must be an integer >= 0 "
+                                   "(0 skips the end-to-end choice and plans with the uniform candidate).")
         for name, low in (("min_experts_per_layer", 1), ("num_samples", 1), ("sequence_length", 2),
                           ("batch_size", 1), ("max_tokens_per_layer", 8)):
             value = getattr(self, name)

@@ -19,7 +19,7 @@ from .adapters import find_moe_layers
 from .algorithms.budget import check_budget
 from .algorithms.merging import cluster_weights, order_clusters, router_weights
 from .apply import apply_plan
-from .calibration import calibration_batches, load_calibration_data, recording
+from .calibration import calibration_windows, held_aside, load_calibration_data, recording
 from .config import GrapeConfig
 from .errors import GrapeError
 from .methods import get_method, resolve_allocation, resolve_merge
@@ -44,6 +44,9 @@ class GrapePruner:
         self.last_plan: PruningPlan | None = None
         self.evaluation: dict = {}
         self.timings: dict = {}
+        # Calibration windows held aside to score candidate plans end to end (set by `calibrate`).
+        self.selection_batches: list[torch.Tensor] = []
+        self.selection_overlaps = False
 
     # -- checks -----------------------------------------------------------------------------------
     def check(self, model) -> dict[int, int]:
@@ -65,8 +68,10 @@ class GrapePruner:
         `extra_needs=optimum_grape.methods.NEEDS`)."""
         self.check(model)
         data = load_calibration_data(self.config.dataset if data is None else data)
-        batches = calibration_batches(data, tokenizer, self.config.num_samples, self.config.sequence_length,
-                                      self.config.batch_size)
+        windows = calibration_windows(data, tokenizer, self.config.sequence_length)
+        batches = list(windows[:self.config.num_samples].split(self.config.batch_size))
+        aside, self.selection_overlaps = held_aside(windows, self.config.num_samples, self.config.selection_samples)
+        self.selection_batches = list(aside.split(self.config.batch_size))
         adapter, layers = find_moe_layers(model)
         device = next(model.parameters()).device
         was_training = model.training
@@ -85,6 +90,8 @@ class GrapePruner:
             }
         finally:
             model.train(was_training)
+        stats = ExpertStats(layers=layer_stats, metadata={"similarity": self.config.similarity})
+        self._measure_sensitivity(model, stats)
         num_tokens = sum(b.numel() for b in batches)
         self.timings["calibration_s"] = time.perf_counter() - start
         metadata = {"model_type": model.config.model_type, "num_tokens": num_tokens, "num_sequences":
@@ -92,10 +99,40 @@ class GrapePruner:
                     "needs": sorted(needs), "seed": self.config.seed}
         logger.info("GRAPE: calibrated %d MoE layers on %d tokens in %.1fs", len(layers), num_tokens,
                     self.timings["calibration_s"])
-        return ExpertStats(layers=layer_stats, metadata=metadata)
+        stats.metadata = metadata
+        return stats
 
-    # -- 2. plan (pure) ---------------------------------------------------------------------------
-    def plan(self, stats: ExpertStats) -> PruningPlan:
+    def _measure_sensitivity(self, model, stats: ExpertStats) -> None:
+        """End-to-end KL of the method's probe clusters, one layer at a time (see `PruningMethod.probe`)."""
+        floors = {l: max(s.floor, self.config.min_experts_per_layer) for l, s in stats.layers.items()}
+        budget = self.config.budget_for(sum(stats.num_experts.values()))
+        probe = self.method.probe(stats, budget, floors, self.allocation, self.config)
+        if not probe or not self.selection_batches:
+            return
+        from .candidates import score_plans
+
+        plans = []
+        for l, (raw, _) in sorted(probe.items()):
+            clusters = self._ordered(stats, l, raw, {})
+            plans.append(PruningPlan(clusters={l: clusters}, num_experts_before={l: stats.num_experts[l]},
+                                     merge_weights={l: self._merge_weights(stats, l, clusters)},
+                                     router_weights={l: router_weights(clusters, self.router)}, method=self.method.name,
+                                     router=self.router, align_neurons=self.config.align_neurons and self.merge != "drop",
+                                     metadata={"candidate": f"probe layer {l}"}))
+        start = time.perf_counter()
+        scores = score_plans(model, plans, self.selection_batches)
+        for (l, (raw, local_cost)), kl in zip(sorted(probe.items()), scores):
+            stats.layers[l].sensitivity = {"kl": kl, "merges": stats.num_experts[l] - len(raw),
+                                           "local_cost": local_cost}
+        logger.info("GRAPE: measured each layer's sensitivity end to end in %.1fs (KL per layer: %s)",
+                    time.perf_counter() - start, [round(k, 4) for k in scores])
+
+    # -- 2. plan (pure, unless candidates are scored on the model) --------------------------------
+    def plan(self, stats: ExpertStats, model=None) -> PruningPlan:
+        """The plan for `stats`. When the method offers several candidates (GRAPE with
+        entropy_tolerance='auto') and `model` is given, each is scored end to end on the calibration
+        windows `calibrate` held aside and the closest to the unpruned model is kept; the model is
+        left unchanged. Without `model`, the method's fallback candidate (uniform for GRAPE) is used."""
         missing = [n for n in self.method.needs for l, s in stats.layers.items() if getattr(s, n) is None]
         if missing:
             raise GrapeError(f"Method {self.method.name!r} needs {sorted(set(missing))} in the statistics; "
@@ -105,17 +142,24 @@ class GrapePruner:
         budget = self.config.budget_for(total)
         check_budget(stats.num_experts, floors, budget)
         start = time.perf_counter()
-        raw, metadata = self.method.cluster(stats, budget, floors, self.allocation, self.config)
+        options = self.method.candidates(stats, budget, floors, self.allocation, self.config)
+        if options is None:
+            raw, metadata = self.method.cluster(stats, budget, floors, self.allocation, self.config)
+            plan = self._build_plan(stats, raw, metadata, floors, budget)
+        else:
+            plan = self._choose(stats, options, floors, budget, model)
+        self.timings["plan_s"] = time.perf_counter() - start
+        self.last_plan = plan
+        return plan
+
+    def _build_plan(self, stats: ExpertStats, raw, metadata: dict, floors: dict[int, int], budget: int) -> PruningPlan:
+        metadata = dict(metadata)
         chosen = {int(l): list(r) for l, r in metadata.pop("representatives", {}).items()}
         clusters, weights, routers = {}, {}, {}
         for l in sorted(raw):
-            priority = stats.layers[l].tokens.double().clone()
-            priority[chosen.get(l, [])] += float(priority.abs().sum()) + 1.0  # a method's chosen keepers do
-            clusters[l] = order_clusters(raw[l], priority)
-            weights[l] = self.method.merge_weights(l, stats, clusters[l], self.merge, self.config) or \
-                cluster_weights(clusters[l], stats.layers[l].tokens, self.merge)
+            clusters[l] = self._ordered(stats, l, raw[l], chosen)
+            weights[l] = self._merge_weights(stats, l, clusters[l])
             routers[l] = router_weights(clusters[l], self.router)
-        self.timings["plan_s"] = time.perf_counter() - start
         metadata = {"allocation": self.allocation, "merge": self.merge, "budget": budget,
                     "similarity": self.config.similarity if "similarity" in self.method.needs else None,
                     "entropy_tolerance": self.config.entropy_tolerance, "floors": {str(k): v for k, v in floors.items()},
@@ -128,7 +172,47 @@ class GrapePruner:
         for layer, kept in plan.experts_per_layer.items():
             if kept < floors[layer]:
                 raise GrapeError(f"Method {self.method.name!r} left layer {layer} with {kept} < floor {floors[layer]}.")
-        self.last_plan = plan
+        return plan
+
+    @staticmethod
+    def _ordered(stats: ExpertStats, layer: int, raw, chosen: dict) -> list[list[int]]:
+        """Representative first: a method's chosen keeper, else the most-routed member."""
+        priority = stats.layers[layer].tokens.double().clone()
+        priority[chosen.get(layer, [])] += float(priority.abs().sum()) + 1.0
+        return order_clusters(raw, priority)
+
+    def _merge_weights(self, stats: ExpertStats, layer: int, clusters) -> list[list[float]]:
+        return self.method.merge_weights(layer, stats, clusters, self.merge, self.config) or \
+            cluster_weights(clusters, stats.layers[layer].tokens, self.merge)
+
+    def _choose(self, stats: ExpertStats, options, floors, budget, model) -> PruningPlan:
+        from .candidates import score_plans
+
+        plans = [self._build_plan(stats, c.clusters, {**c.metadata, "candidate": c.name}, floors, budget)
+                 for c in options]
+        scored = model is not None and bool(self.selection_batches) and len(plans) > 1
+        if scored:
+            tokens = sum(b.numel() for b in self.selection_batches)
+            logger.info("GRAPE: scoring %d candidate plans by KL to the unpruned model on %d held-aside tokens",
+                        len(plans), tokens)
+            scores = score_plans(model, plans, self.selection_batches)
+            best = min(range(len(plans)), key=lambda i: (scores[i], i))
+            selection = {"metric": "mean KL(unpruned || pruned) per token over the unpruned model's top-256 "
+                                   "tokens plus the rest (candidates.py)",
+                         "tokens": tokens, "overlaps_calibration": self.selection_overlaps}
+        else:
+            scores, best = [None] * len(plans), 0
+            why = "no model given to plan()" if model is None else "no held-aside calibration windows"
+            logger.warning("GRAPE: %d candidate plans not scored (%s): using the %r candidate. Pass the model to "
+                           "GrapePruner.plan(stats, model) to choose end to end.", len(plans), why, options[0].name)
+            selection = {"metric": None, "not_scored_because": why}
+        plan = plans[best]
+        plan.metadata["candidates"] = [
+            {"name": c.name, "experts_per_layer": list(p.experts_per_layer.values()), "score": s,
+             "entropy_tolerance": c.metadata.get("entropy_tolerance")} for c, p, s in zip(options, plans, scores)]
+        plan.metadata["selection"] = {**selection, "chosen": options[best].name}
+        if scored:
+            logger.info("GRAPE: chose %s (KL %.5f; uniform %.5f)", options[best].name, scores[best], scores[0])
         return plan
 
     # -- 3. change --------------------------------------------------------------------------------
@@ -140,7 +224,7 @@ class GrapePruner:
 
     def prune(self, model, data=None, tokenizer=None):
         stats = self.calibrate(model, data, tokenizer)
-        self.apply(model, self.plan(stats))
+        self.apply(model, self.plan(stats, model))
         return model
 
     # -- 4. save ----------------------------------------------------------------------------------

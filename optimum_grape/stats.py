@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-_TENSOR_FIELDS = ("router_weight", "tokens", "weight_mass", "saliency", "similarity", "mean_output", "router_logits",
-                  "expert_outputs")
+_TENSOR_FIELDS = ("router_weight", "tokens", "weight_mass", "saliency", "max_output", "similarity", "mean_output",
+                  "router_logits", "expert_outputs")
 
 
 @dataclass
@@ -30,10 +30,14 @@ class LayerStats:
     tokens: torch.Tensor  # [E] tokens routed to each expert (count-guided / frequency)
     weight_mass: torch.Tensor  # [E] sum of routing weights received
     saliency: torch.Tensor  # [E] REAP: mean over routed tokens of g_j(x) * ||f_j(x)||_2
+    max_output: torch.Tensor | None = None  # [E] largest |output| on routed tokens (super experts)
     similarity: torch.Tensor | None = None  # [E, E] expert-output similarity on the same tokens
     mean_output: torch.Tensor | None = None  # [E, H] mean expert output (C-Prune embedding)
     router_logits: torch.Tensor | None = None  # [T, E] on the sampled tokens
     expert_outputs: torch.Tensor | None = None  # [E, T, H] on the sampled tokens (enumerate only)
+    # End to end: {"kl": KL to the unpruned model on held-aside tokens when only this layer loses
+    # "merges" experts by the method's probe clusters, "local_cost": their summed relative merge cost}
+    sensitivity: dict | None = None
 
 
 @dataclass
@@ -53,7 +57,7 @@ class ExpertStats:
         tensors, layer_meta = {}, {}
         for index, layer in self.layers.items():
             layer_meta[str(index)] = {"num_experts": layer.num_experts, "floor": layer.floor,
-                                      "routing": layer.routing}
+                                      "routing": layer.routing, "sensitivity": layer.sensitivity}
             for name in _TENSOR_FIELDS:
                 value = getattr(layer, name)
                 if value is not None:

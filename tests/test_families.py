@@ -60,7 +60,7 @@ def test_grape_merges_planted_copies_first(family):
     model = tiny_model(family, seed=3)
     target = find_moe_layers(model)[1][-1].index
     plant_copies(model, layer=target, copies=COPIES)
-    pruner = GrapePruner(small_config(num_experts_to_prune=3))
+    pruner = GrapePruner(small_config(num_experts_to_prune=3, preset="paper"))  # Algorithm 1 as published
     plan = pruner.plan(pruner.calibrate(model, random_token_batches(n=8, length=16)))
     assert [m[0] for m in plan.metadata["merge_order"]] == [target] * 3
     for layer, clusters in plan.clusters.items():

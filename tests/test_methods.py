@@ -72,7 +72,8 @@ def test_drop_methods_drop_and_merge_variant_averages():
 
 @pytest.mark.parametrize("method", ["grape", "cprune"])
 def test_redundancy_aware_methods_cut_the_planted_layer(method):
-    plan = plan_for(method, num_experts_to_prune=3, method_kwargs={"layer_fraction": 0.0} if method == "cprune" else {})
+    extra = {"method_kwargs": {"layer_fraction": 0.0}} if method == "cprune" else {"preset": "paper"}
+    plan = plan_for(method, num_experts_to_prune=3, **extra)
     assert plan.experts_per_layer == {0: 8, 1: 8, 2: 5, 3: 8}
     assert all(set(c) <= set(range(6)) for c in plan.clusters[2] if len(c) > 1)
 

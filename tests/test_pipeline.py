@@ -113,7 +113,7 @@ def planted_model():
 
 def test_grape_merges_only_planted_copies_in_their_layer():
     model = planted_model()
-    pruner = GrapePruner(small_config(num_experts_to_prune=3))
+    pruner = GrapePruner(small_config(num_experts_to_prune=3, preset="paper"))
     plan = pruner.plan(pruner.calibrate(model, random_token_batches(n=16)))
     for layer, clusters in plan.clusters.items():
         merged = [c for c in clusters if len(c) > 1]

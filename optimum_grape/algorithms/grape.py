@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import BudgetError
 from .budget import check_budget
 
 
@@ -47,9 +48,12 @@ class _LayerState:
     Clearing a processed pair never changes the other entries, so "the most similar open pair" is
     simply the next pair in one descending sort of the upper triangle (a stable sort keeps argmax's
     row-major tie-breaking). This makes each step O(1) instead of a scan of the E x E matrix.
+
+    `protected` experts (super experts) are never merged: a pair that touches one is cleared and
+    subtracted like a pair already joined, without merging.
     """
 
-    def __init__(self, sim: torch.Tensor) -> None:
+    def __init__(self, sim: torch.Tensor, protected: frozenset[int] = frozenset()) -> None:
         n = sim.shape[0]
         sim = sim.double()
         rows, cols = torch.triu_indices(n, n, offset=1)
@@ -61,16 +65,29 @@ class _LayerState:
         self.redundancy = float(sim[off_diagonal].sum())  # R^l = sum_{i != j} D_ij (Eq. 11)
         self.uf = UnionFind(n)
         self.count = n
+        self.protected = protected
+
+    @property
+    def exhausted(self) -> bool:
+        return self.next >= len(self.pairs)
 
     def step(self) -> tuple[int, int, float, bool]:
         """Process the most similar open pair; returns (i, j, s, merged)."""
         i, j, s = self.pairs[self.next]
         self.next += 1
         self.redundancy -= 2 * s  # gap (a): subtract before clearing (D_ij and D_ji)
-        merged = self.uf.union(i, j)
+        merged = i not in self.protected and j not in self.protected and self.uf.union(i, j)
         if merged:
             self.count -= 1
         return i, j, s, merged
+
+    def merge_once(self) -> tuple[int, int, float] | None:
+        """Process pairs until one merges; None if every pair is spent (only protected ones left)."""
+        while not self.exhausted:
+            i, j, s, merged = self.step()
+            if merged:
+                return i, j, s
+        return None
 
 
 def _entropy(counts: list[int]) -> float:
@@ -89,7 +106,8 @@ class GlobalAllocation:
 
 
 def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, int], budget: int,
-                       entropy_tolerance: float, groups: dict[int, tuple[int, int]] | None = None
+                       entropy_tolerance: float, groups: dict[int, tuple[int, int]] | None = None,
+                       caps: dict[int, int] | None = None, protected: dict[int, set[int]] | None = None
                        ) -> GlobalAllocation:
     """Algorithm 1: spend one global budget of merges where layer redundancy R^l is highest.
 
@@ -97,35 +115,48 @@ def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, 
     mergeable layer is frozen, all are unfrozen (restart). Deterministic: ties go to the lowest
     layer index and the lowest (i, j).
 
+    `caps[l]` bounds how many experts layer l may lose (the paper has no such bound; without it a
+    few very redundant layers can absorb the whole budget). `protected[l]` are experts never merged.
+
     `groups[l] = (n_group, min_grouped)` marks a group-limited router (DeepSeek-V3): such a layer,
     once chosen, merges n_group pairs at once so its count stays a multiple of n_group, and not below
     min_grouped. Only when no layer can take such a step within the remaining budget do single
     merges continue (the layers they touch fall back to ungrouped routing when applied).
     """
     num_experts = {l: s.shape[0] for l, s in similarities.items()}
-    check_budget(num_experts, floors, budget)
-    states = {l: _LayerState(similarities[l]) for l in sorted(similarities)}
+    caps = {l: min(caps.get(l, n), n - floors[l]) if caps else n - floors[l] for l, n in num_experts.items()}
+    check_budget(num_experts, {l: n - caps[l] for l, n in num_experts.items()}, budget)
+    protected = protected or {}
+    states = {l: _LayerState(similarities[l], frozenset(protected.get(l, ()))) for l in sorted(similarities)}
     entropy_before = _entropy(list(num_experts.values()))
     threshold = entropy_before * (1 - entropy_tolerance)
     frozen: set[int] = set()
     result = GlobalAllocation(clusters={}, entropy_before=entropy_before, entropy_threshold=threshold)
     groups = groups or {}
 
+    def room(l: int) -> int:
+        """Merges layer l may still make: its cap, and nothing once its pairs are spent."""
+        return 0 if states[l].exhausted else caps[l] - (num_experts[l] - states[l].count)
+
     def step_of(l: int, merges_left: int) -> int:
         """Merges one selection of layer l makes: n_group for a grouped layer that can stay grouped."""
         size, least = groups.get(l, (1, 0))
         if size > 1 and states[l].count % size == 0 and states[l].count - size >= max(least, floors[l]) \
-                and size <= merges_left:
+                and size <= min(merges_left, room(l)):
             return size
-        return 0 if size > 1 else (1 if states[l].count > floors[l] else 0)
+        return 0 if size > 1 else (1 if room(l) > 0 else 0)
 
     merges_left = budget
     while merges_left > 0:
         steps = {l: step_of(l, merges_left) for l in states}
         mergeable = [l for l in states if steps[l]]
         if not mergeable:  # no grouped step fits: single merges, the touched layers will fall back
-            steps = {l: 1 for l, st in states.items() if st.count > floors[l]}
+            steps = {l: 1 for l in states if room(l) > 0}
             mergeable = list(steps)
+        if not mergeable:
+            raise BudgetError(f"GRAPE could merge only {budget - merges_left} of {budget} experts: every other pair "
+                              "touches a protected (super) expert. Lower the budget or set "
+                              "protect_super_experts=False.")
         candidates = [l for l in mergeable if l not in frozen]
         if not candidates:
             frozen.clear()
@@ -134,10 +165,11 @@ def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, 
         layer = max(candidates, key=lambda l: (states[l].redundancy, -l))
         target = states[layer].count - steps[layer]
         while states[layer].count > target:
-            i, j, s, merged = states[layer].step()
-            if merged:
-                merges_left -= 1
-                result.merge_order.append((layer, i, j, s))
+            merge = states[layer].merge_once()
+            if merge is None:
+                break
+            merges_left -= 1
+            result.merge_order.append((layer, *merge))
         if _entropy([st.count for st in states.values()]) < threshold:
             frozen.add(layer)
     result.entropy_after = _entropy([st.count for st in states.values()])
@@ -145,9 +177,22 @@ def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, 
     return result
 
 
-def greedy_merge_to(sim: torch.Tensor, keep: int) -> list[list[int]]:
+def greedy_merge_to(sim: torch.Tensor, keep: int, protected: set[int] | frozenset[int] = frozenset()
+                    ) -> list[list[int]]:
     """Per-layer twin of Algorithm 1: merge the most similar open pair until `keep` clusters remain."""
-    state = _LayerState(sim)
-    while state.count > keep:
-        state.step()
-    return state.uf.groups()
+    return greedy_merges(sim, sim.shape[0] - keep, protected)[0]
+
+
+def greedy_merges(sim: torch.Tensor, merges: int, protected: set[int] | frozenset[int] = frozenset()
+                  ) -> tuple[list[list[int]], list[float]]:
+    """The clusters after `merges` greedy merges, and the similarity of each merged pair."""
+    state = _LayerState(sim, frozenset(protected))
+    merged = []
+    while state.count > sim.shape[0] - merges:
+        step = state.merge_once()
+        if step is None:
+            raise BudgetError(f"Cannot merge down to {sim.shape[0] - merges} experts without merging a protected "
+                              f"(super) expert {sorted(protected)}; lower the budget or set "
+                              "protect_super_experts=False.")
+        merged.append(step[2])
+    return state.uf.groups(), merged

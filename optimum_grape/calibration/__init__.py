@@ -1,6 +1,7 @@
 """Calibration: turning data into token batches and recording per-expert statistics."""
 
-from .data import calibration_batches, default_calibration_path, load_calibration_data
+from .data import calibration_batches, calibration_windows, default_calibration_path, held_aside, load_calibration_data
 from .recorder import recording
 
-__all__ = ["calibration_batches", "default_calibration_path", "load_calibration_data", "recording"]
+__all__ = ["calibration_batches", "calibration_windows", "default_calibration_path", "held_aside",
+           "load_calibration_data", "recording"]

@@ -100,12 +100,28 @@ def token_stream(data: Any, tokenizer=None) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-def calibration_batches(data: Any, tokenizer=None, num_samples: int = 64, sequence_length: int = 256,
-                        batch_size: int = 8) -> list[torch.Tensor]:
-    """Fixed-length windows of the token stream, at most `num_samples`, grouped in batches."""
+def calibration_windows(data: Any, tokenizer=None, sequence_length: int = 256) -> torch.Tensor:
+    """Every full window of `sequence_length` tokens of the token stream, [N, L] (the stream itself
+    when it is shorter than one window)."""
     stream = token_stream(data, tokenizer)
     if stream.numel() < 2:
         raise CalibrationDataError(f"Calibration data has {stream.numel()} token(s); at least 2 are needed.")
     length = min(sequence_length, stream.numel())
-    windows = stream[: (stream.numel() // length) * length].view(-1, length)[:num_samples]
-    return list(windows.split(batch_size))
+    return stream[: (stream.numel() // length) * length].view(-1, length)
+
+
+def calibration_batches(data: Any, tokenizer=None, num_samples: int = 64, sequence_length: int = 256,
+                        batch_size: int = 8) -> list[torch.Tensor]:
+    """Fixed-length windows of the token stream, at most `num_samples`, grouped in batches."""
+    return list(calibration_windows(data, tokenizer, sequence_length)[:num_samples].split(batch_size))
+
+
+def held_aside(windows: torch.Tensor, num_samples: int, count: int) -> tuple[torch.Tensor, bool]:
+    """`count` windows for scoring candidate plans: those right after the `num_samples` used for
+    statistics when the data has them (unseen by calibration), else its last windows, which then
+    overlap calibration (second value True)."""
+    if count <= 0:
+        return windows[:0], False
+    if windows.shape[0] >= num_samples + count:
+        return windows[num_samples:num_samples + count], False
+    return windows[-count:], True

@@ -48,8 +48,12 @@ class LayerRecorder:
         self.tokens = torch.zeros(n, dtype=torch.float64, device=device)
         self.weight_mass = torch.zeros(n, dtype=torch.float64, device=device)
         self.saliency_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        # Largest |output| of each expert on its routed tokens: super experts (arXiv 2507.23279) show
+        # rare, extreme outliers here.
+        self.max_output = torch.zeros(n, dtype=torch.float64, device=device)
         self.tokens_per_call, self.max_tokens, self.generator = tokens_per_call, max_tokens, generator
         self.samples: list[torch.Tensor] = []
+        self.sample_gates: list[torch.Tensor] = []  # [t, E] gates the router gave the sampled tokens
         self.sampled = 0
 
     def forward(self, hidden, top_k_index, top_k_weights):
@@ -60,18 +64,22 @@ class LayerRecorder:
             w = top_k_weights[tok, pos]
             out.index_add_(0, tok, (y * w[:, None].to(y.dtype)).to(out.dtype))
             self.saliency_sum[e] += (w.double() * y.double().norm(dim=-1)).sum()
+            self.max_output[e] = torch.maximum(self.max_output[e], y.detach().abs().max().double())
         flat = top_k_index.flatten()
         self.tokens.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
         self.weight_mass.index_add_(0, flat, top_k_weights.flatten().double())
-        self._sample(hidden)
+        self._sample(hidden, top_k_index, top_k_weights)
         return out
 
-    def _sample(self, hidden: torch.Tensor) -> None:
+    def _sample(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         take = min(self.tokens_per_call, self.max_tokens - self.sampled, hidden.shape[0])
         if take <= 0:
             return
         rows = torch.randperm(hidden.shape[0], generator=self.generator)[:take].to(hidden.device)
         self.samples.append(hidden[rows].detach().clone())
+        gates = torch.zeros(take, self.layer.num_experts, dtype=torch.float32, device=hidden.device)
+        gates.scatter_(1, top_k_index[rows].long(), top_k_weights[rows].detach().float())
+        self.sample_gates.append(gates)
         self.sampled += take
 
     def finalize(self, needs: frozenset[str], similarity: str, config, floor: int) -> LayerStats:
@@ -80,7 +88,7 @@ class LayerRecorder:
             routing=self.adapter.routing_spec(self.layer, config).to_dict(),
             router_weight=self.layer.router_weight().detach().double().cpu(),
             tokens=self.tokens.cpu(), weight_mass=self.weight_mass.cpu(),
-            saliency=(self.saliency_sum / self.tokens.clamp_min(1)).cpu(),
+            saliency=(self.saliency_sum / self.tokens.clamp_min(1)).cpu(), max_output=self.max_output.cpu(),
         )
         if not needs or not self.samples:
             return stats
@@ -88,7 +96,7 @@ class LayerRecorder:
         if needs & {"similarity", "mean_output", "expert_outputs"}:
             outputs = self.adapter.run_experts(self.layer, sample, range(self.layer.num_experts)).float()
             if "similarity" in needs:
-                stats.similarity = expert_similarity(outputs, similarity).cpu()
+                stats.similarity = expert_similarity(outputs, similarity, torch.cat(self.sample_gates)).cpu()
             if "mean_output" in needs:
                 stats.mean_output = outputs.mean(dim=1).double().cpu()
             if "expert_outputs" in needs:

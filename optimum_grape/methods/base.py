@@ -3,6 +3,8 @@ same form, so every method can be compared under the same budget and plan format
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..errors import GrapeConfigError
@@ -11,6 +13,16 @@ from ..stats import ExpertStats
 # What a method may ask calibration to record beyond routing counts, weight mass and saliency
 # (always recorded: they come free with the forward pass).
 NEEDS = frozenset({"similarity", "mean_output", "router_logits", "expert_outputs"})
+
+
+@dataclass
+class Candidate:
+    """One of several plans a method offers for the same budget (e.g. GRAPE's allocations for
+    different gammas); `GrapePruner.plan(stats, model)` scores them end to end and keeps the best."""
+
+    name: str
+    clusters: dict[int, list[list[int]]]
+    metadata: dict = field(default_factory=dict)
 
 
 class PruningMethod:
@@ -32,6 +44,18 @@ class PruningMethod:
         metadata["representatives"] = {layer: [ids]} names the expert that must represent (and, under
         merge='drop', be the only survivor of) its cluster; otherwise the most-routed member does."""
         raise NotImplementedError
+
+    def candidates(self, stats: ExpertStats, budget: int, floors: dict[int, int], allocation: str,
+                   config) -> list[Candidate] | None:
+        """Several plans to choose between end to end, the fallback (used when no model is at hand to
+        score them) first; None when `cluster` gives the one plan (default)."""
+        return None
+
+    def probe(self, stats: ExpertStats, budget: int, floors: dict[int, int], allocation: str, config
+              ) -> dict[int, tuple[list[list[int]], float]] | None:
+        """Per layer, clusters whose end-to-end effect calibration should measure when only that layer
+        is pruned, with their summed local cost (stored as `LayerStats.sensitivity`); None: no probe."""
+        return None
 
     def check(self, num_experts: dict[int, int], config, floors: dict[int, int] | None = None) -> None:
         """Refuse, before calibration, a configuration this method cannot run (default: accept)."""

@@ -1,11 +1,41 @@
 """`grape`: GRAPE (arXiv 2604.06542). Global: Algorithm 1 over all layers' similarity matrices.
-Uniform: the same greedy pair merging, with the same cut in every layer (the paper's ablation)."""
+Uniform: the same greedy pair merging, with the same cut in every layer (the paper's ablation).
+
+The default preset plans on merge costs (usage-aware, comparable across layers), caps what one
+layer may lose, protects super experts, and offers candidates (the uniform allocation and several
+gammas) that `GrapePruner` scores end to end; the 'paper' preset is Algorithm 1 as published
+(docs/methods.md, "Presets")."""
 
 from __future__ import annotations
 
+import torch
+
 from ..algorithms.budget import uniform_removals
-from ..algorithms.grape import greedy_merge_to, grape_global_merge
-from .base import PruningMethod
+from ..algorithms.grape import grape_global_merge, greedy_merge_to, greedy_merges
+from ..algorithms.safeguards import layer_caps, super_experts
+from ..algorithms.similarity import cost_kernel
+from ..config import AUTO
+from .base import Candidate, PruningMethod
+
+# Gammas planned when entropy_tolerance='auto': from nearly uniform to no entropy bound at all (the
+# layer cap still applies). Each is scored end to end beside the uniform allocation.
+AUTO_GAMMAS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def end_to_end_costs(stats) -> dict[int, torch.Tensor]:
+    """Minus merge costs in units of end-to-end KL: each layer's relative costs times its measured
+    sensitivity, KL of its probe merges / their summed relative cost. That cost is floored at a tenth of
+    the median over layers, so a layer whose probe merges look free locally (planted copies) is not
+    given an exploding scale by a small KL that the local model cannot see (re-routing). Layers
+    without a measurement take the median sensitivity."""
+    measured = {l: s.sensitivity for l, s in stats.layers.items() if s.sensitivity}
+    if measured:
+        floor = 0.1 * float(torch.tensor([m["local_cost"] for m in measured.values()]).median())
+        scale = {l: m["kl"] / max(m["local_cost"], floor, 1e-12) for l, m in measured.items()}
+        default = float(torch.tensor(list(scale.values())).median())
+    else:
+        scale, default = {}, 1.0
+    return {l: s.similarity * max(scale.get(l, default), 1e-12) for l, s in stats.layers.items()}
 
 
 class GrapeMethod(PruningMethod):
@@ -15,15 +45,74 @@ class GrapeMethod(PruningMethod):
     default_merge = "weighted"
     reference = "GRAPE, arXiv 2604.06542"
 
-    def cluster(self, stats, budget, floors, allocation, config):
+    def _inputs(self, stats, config):
         sims = {l: s.similarity for l, s in stats.layers.items()}
-        if allocation == "uniform":
-            removals = uniform_removals(stats.num_experts, floors, budget)
-            return {l: greedy_merge_to(sims[l], stats.num_experts[l] - removals[l]) for l in sims}, {}
+        if stats.metadata.get("similarity") == "merge_cost":
+            sims = cost_kernel(end_to_end_costs(stats))
+        protected = self._protected(stats, config)
+        return sims, protected
+
+    @staticmethod
+    def _protected(stats, config) -> dict[int, list[int]]:
+        return super_experts({l: s.max_output for l, s in stats.layers.items()}) if config.protect_super_experts else {}
+
+    def probe(self, stats, budget, floors, allocation, config):
+        """Merge costs are relative to each layer's own output, but a layer's output matters more or less
+        to the model's predictions (a first layer feeding every later one is far more sensitive). So
+        calibration measures, per layer, the KL that its uniform share of cheapest merges causes end to
+        end, and planning rescales that layer's costs by KL / local cost (`end_to_end_costs`)."""
+        if stats.metadata.get("similarity") != "merge_cost" or allocation != "global":
+            return None
+        protected = self._protected(stats, config)
+        removals = uniform_removals(stats.num_experts, floors, budget)
+        out = {}
+        for l, s in stats.layers.items():
+            clusters, sims = greedy_merges(s.similarity, max(1, removals[l]), set(protected.get(l, ())))
+            out[l] = (clusters, -sum(sims))
+        return out
+
+    def _uniform(self, stats, sims, protected, budget, floors):
+        removals = uniform_removals(stats.num_experts, floors, budget)
+        return {l: greedy_merge_to(sims[l], stats.num_experts[l] - removals[l], set(protected.get(l, ())))
+                for l in sims}
+
+    def _global(self, stats, sims, protected, budget, floors, gamma, config):
         groups = {l: (s.routing.get("n_group", 1), s.routing.get("min_grouped", 0)) for l, s in stats.layers.items()
                   if s.routing.get("n_group", 1) > 1}
-        result = grape_global_merge(sims, floors, budget, config.entropy_tolerance, groups)
-        meta = {"restarts": result.restarts, "entropy_before": result.entropy_before,
+        caps = layer_caps(stats.num_experts, floors, budget, config.layer_cap)
+        result = grape_global_merge(sims, floors, budget, gamma, groups, caps, protected)
+        meta = {"entropy_tolerance": gamma, "restarts": result.restarts, "entropy_before": result.entropy_before,
                 "entropy_after": result.entropy_after, "entropy_threshold": result.entropy_threshold,
+                "layer_caps": {str(l): c for l, c in caps.items()},
                 "merge_order": [list(m) for m in result.merge_order]}
         return result.clusters, meta
+
+    def _shared_metadata(self, sims, protected) -> dict:
+        # Mean pairwise similarity per layer: the redundancy GRAPE ranks layers by (plots, model card).
+        redundancy = {str(l): float(s[~torch.eye(s.shape[0], dtype=torch.bool)].mean()) if s.shape[0] > 1 else 0.0
+                      for l, s in sims.items()}
+        return {"layer_redundancy": redundancy, "super_experts": {str(l): e for l, e in protected.items()}}
+
+    def cluster(self, stats, budget, floors, allocation, config):
+        sims, protected = self._inputs(stats, config)
+        meta = self._shared_metadata(sims, protected)
+        if allocation == "uniform" or config.entropy_tolerance == AUTO:
+            # 'auto' without a model to score candidates on: the uniform candidate (GrapePruner says so).
+            return self._uniform(stats, sims, protected, budget, floors), meta
+        clusters, extra = self._global(stats, sims, protected, budget, floors, float(config.entropy_tolerance), config)
+        return clusters, {**meta, **extra}
+
+    def candidates(self, stats, budget, floors, allocation, config):
+        if allocation != "global" or config.entropy_tolerance != AUTO:
+            return None
+        sims, protected = self._inputs(stats, config)
+        shared = {**self._shared_metadata(sims, protected),
+                  "layer_caps": {str(l): c for l, c in layer_caps(stats.num_experts, floors, budget,
+                                                                   config.layer_cap).items()}}
+        out = [Candidate("uniform", self._uniform(stats, sims, protected, budget, floors),
+                         {**shared, "allocation_rule": "uniform"})]
+        for gamma in config.method_kwargs.get("gammas", AUTO_GAMMAS):
+            clusters, meta = self._global(stats, sims, protected, budget, floors, float(gamma), config)
+            if all(clusters != c.clusters for c in out):  # equal plans are scored once
+                out.append(Candidate(f"gamma={gamma:g}", clusters, {**shared, **meta, "allocation_rule": "global"}))
+        return out

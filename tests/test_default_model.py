@@ -40,3 +40,22 @@ def test_heldout_perplexity_beats_the_bigram_baseline(default):
         ids = text_token_ids(tok, held.read_text(encoding="utf-8"))[:1024]
         ppl = perplexity(model, ids, window=256)
         assert ppl < bigram, (held.stem, ppl, bigram)
+
+
+def test_routing_is_balanced_in_every_layer_on_held_out_text(default):
+    """The testbeds' realism targets (benchmarks/testbeds/balance.py): every expert of every layer
+    takes at least 1/(4E) of its layer's routings and each layer's routing entropy is >= 0.95 of
+    the maximum, on a held-out slice."""
+    import math
+
+    from optimum_grape import GrapeConfig, GrapePruner
+
+    model, tok, _ = default
+    texts = [p.read_text(encoding="utf-8")[:12_000] for p in heldout_paths()]
+    stats = GrapePruner(GrapeConfig(method="frequency", pruning_ratio=0.25, num_samples=64,
+                                    selection_samples=0)).calibrate(model, texts, tok)
+    for layer, s in stats.layers.items():
+        share = s.tokens / s.tokens.sum()
+        entropy = float(-(share * share.log()).sum()) / math.log(len(share))
+        assert float(share.min()) >= 1 / (4 * len(share)), (layer, share.tolist())
+        assert entropy >= 0.95, (layer, entropy)

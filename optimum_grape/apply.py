@@ -31,8 +31,11 @@ def layout_from_plan(plan: PruningPlan) -> dict:
 
 
 @torch.no_grad()
-def apply_plan(model, plan: PruningPlan, pruning_config=None) -> None:
-    adapter = apply_clusters(model, plan)
+def apply_plan(model, plan: PruningPlan, pruning_config=None, merger=None) -> None:
+    """Apply `plan` in place and record the new layout in `model.config`. `merger` (refine.DataMerger)
+    merges each layer with calibration data and may re-plan its clusters; the plan is updated to what
+    was applied."""
+    adapter = apply_clusters(model, plan, merger)
     if plan.metadata.get("routing_overrides"):
         changed = plan.metadata["routing_overrides"]
         logger.warning("%d layer(s) keep expert counts their grouped router cannot split (%s): routing there falls "
@@ -44,7 +47,7 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None) -> None:
 
 
 @torch.no_grad()
-def apply_clusters(model, plan: PruningPlan) -> MoEAdapter:
+def apply_clusters(model, plan: PruningPlan, merger=None) -> MoEAdapter:
     """Rewrite every MoE layer the plan covers (tensors and routing), leaving `model.config` alone:
     what candidate scoring needs, and the first half of `apply_plan`."""
     adapter, layers = find_moe_layers(model)
@@ -62,7 +65,12 @@ def apply_clusters(model, plan: PruningPlan) -> MoEAdapter:
         weights = plan.merge_weights.get(index) or cluster_weights(clusters, None, "drop")
         routers = plan.router_weights.get(index) or router_weights(clusters, plan.router)
         overrides = adapter.routing_overrides(layer, len(clusters))  # asked before the layer changes
-        adapter.apply_clusters(layer, clusters, weights, routers, plan.align_neurons)
+        if merger is not None and adapter.supports_refit:
+            plan.clusters[index], plan.merge_weights[index] = merger(adapter, layer, clusters, weights, routers,
+                                                                     plan.align_neurons)
+            plan.router_weights[index] = router_weights(plan.clusters[index], plan.router)
+        else:
+            adapter.apply_clusters(layer, clusters, weights, routers, plan.align_neurons)
         if overrides:
             adapter.apply_routing_overrides(layer, overrides)
             plan.metadata.setdefault("routing_overrides", {})[str(index)] = overrides

@@ -54,7 +54,8 @@ def _config_from_args(args):
         min_experts_per_layer=args.min_experts_per_layer, merge=args.merge, router=args.router,
         dataset=args.dataset, num_samples=args.num_samples, sequence_length=args.sequence_length,
         batch_size=args.batch_size, max_tokens_per_layer=args.max_tokens_per_layer, seed=args.seed,
-        align_neurons=not args.no_align,
+        align_neurons=not args.no_align, align_on_activations=not args.no_align_on_activations, refit=args.refit,
+        sequential=args.sequential, merge_tokens=args.merge_tokens,
         method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else {},
     )
 
@@ -199,12 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "paper: GRAPE's Algorithm 1 as published (CKA, gamma 0.1, no cap); see docs/methods.md")
     prune.add_argument("--similarity", choices=["merge_cost", "cka", "cosine", "mse"], default=None,
                        help="expert similarity (default: the preset's: merge_cost, or cka for --preset paper)")
-    prune.add_argument("--merge", choices=["weighted", "drop", "affinity"], default=None,
+    prune.add_argument("--merge", choices=["weighted", "saliency", "drop", "affinity"], default=None,
                        help="how a cluster becomes one expert (default: the method's own)")
     prune.add_argument("--router", choices=["representative", "mean"], default=None,
                        help="router row of a merged expert (default: the method's own)")
     prune.add_argument("--no-align", action="store_true",
                        help="average merged experts without first aligning their neurons")
+    prune.add_argument("--no-align-on-activations", action="store_true",
+                       help="align neurons on their weights only, not also on their calibration activations")
+    prune.add_argument("--refit", action="store_true",
+                       help="refit merged experts' down projections by least squares on calibration tokens")
+    prune.add_argument("--sequential", action="store_true",
+                       help="re-plan each layer on the inputs its already-merged predecessors produce (REAM)")
+    prune.add_argument("--merge-tokens", type=int, default=8192, help="calibration tokens per layer when merging")
     prune.add_argument("--entropy-tolerance", default=None, metavar="GAMMA",
                        help="GRAPE gamma in [0, 1], or 'auto' (default preset): plan several gammas and the uniform "
                             "allocation, keep the closest to the unpruned model on held-aside calibration text")

@@ -17,7 +17,7 @@ from .errors import GrapeConfigError
 
 ALLOCATIONS = ("global", "uniform")
 SIMILARITIES = ("merge_cost", "cka", "cosine", "mse")
-MERGE_MODES = ("weighted", "drop", "affinity")
+MERGE_MODES = ("weighted", "saliency", "drop", "affinity")
 ROUTER_MODES = ("representative", "mean")
 AUTO = "auto"
 # A field left at PRESET takes its value from the chosen preset (docs/methods.md, "Presets").
@@ -101,7 +101,8 @@ class GrapeConfig(QuantizationConfigMixin):
     )
     merge: str | None = field(
         default=None,
-        metadata={"help": "'weighted': routing-frequency-weighted average into the representative; 'drop': keep it "
+        metadata={"help": "'weighted': routing-frequency-weighted average into the representative; 'saliency': "
+                  "weighted by REAP saliency mass (tokens x mean gate x output norm, as REAM); 'drop': keep it "
                   "only; 'affinity': C-Prune's softmax(gamma A) weights (cprune only). None: the method's default."},
     )
     # Averaging experts neuron-by-neuron without alignment mixes unrelated neurons (docs/methods.md).
@@ -109,6 +110,24 @@ class GrapeConfig(QuantizationConfigMixin):
         default=True,
         metadata={"help": "Before averaging a cluster, permute each member's intermediate neurons to match the "
                   "representative (weight matching, Hungarian algorithm). No effect with merge='drop'."},
+    )
+    align_on_activations: bool = field(
+        default=True,
+        metadata={"help": "Match neurons on their activations on the layer's calibration inputs as well as on their "
+                  "weights (REAM). Merges then run layer by layer with calibration data (refine.py)."},
+    )
+    refit: bool = field(
+        default=False,
+        metadata={"help": "Refit each merged expert's down projection by ridge least squares so that it reproduces "
+                  "its members' contribution on the calibration tokens routed to it (kept only where it helps)."},
+    )
+    sequential: bool = field(
+        default=False,
+        metadata={"help": "Re-plan each layer's clusters (same count) on the inputs its already-merged predecessors "
+                  "produce, in model order (REAM's sequential merging; GRAPE, local_merge)."},
+    )
+    merge_tokens: int = field(
+        default=8192, metadata={"help": "Calibration tokens per layer used when merging with data."}
     )
     router: str | None = field(
         default=None,
@@ -177,12 +196,13 @@ class GrapeConfig(QuantizationConfigMixin):
             raise GrapeConfigError(f"GrapeConfig.selection_samples={self.selection_samples!r} must be an integer >= 0 "
                                    "(0 skips the end-to-end choice and plans with the uniform candidate).")
         for name, low in (("min_experts_per_layer", 1), ("num_samples", 1), ("sequence_length", 2),
-                          ("batch_size", 1), ("max_tokens_per_layer", 8)):
+                          ("batch_size", 1), ("max_tokens_per_layer", 8), ("merge_tokens", 16)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise GrapeConfigError(f"GrapeConfig.{name}={value!r} must be an integer >= {low}.")
-        if not isinstance(self.align_neurons, bool):
-            raise GrapeConfigError(f"GrapeConfig.align_neurons={self.align_neurons!r} must be True or False.")
+        for name in ("align_neurons", "align_on_activations", "refit", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise GrapeConfigError(f"GrapeConfig.{name}={getattr(self, name)!r} must be True or False.")
         if not isinstance(self.method_kwargs, dict):
             raise GrapeConfigError(f"GrapeConfig.method_kwargs must be a dict, got {type(self.method_kwargs).__name__}.")
 

@@ -21,8 +21,8 @@ from .algorithms.merging import cluster_weights, order_clusters, router_weights
 from .apply import apply_plan
 from .calibration import calibration_windows, held_aside, load_calibration_data, recording
 from .config import GrapeConfig
-from .errors import GrapeError
-from .methods import get_method, resolve_allocation, resolve_merge
+from .errors import GrapeConfigError, GrapeError
+from .methods import PruningMethod, get_method, resolve_allocation, resolve_merge
 from .plan import PruningPlan
 from .stats import ExpertStats
 
@@ -41,12 +41,17 @@ class GrapePruner:
         self.allocation = resolve_allocation(self.method, config.allocation)
         self.merge = resolve_merge(self.method, config.merge)
         self.router = config.router or self.method.default_router
+        if config.sequential and type(self.method).replan_layer is PruningMethod.replan_layer:
+            raise GrapeConfigError(f"sequential=True re-plans one layer at a time, which method {config.method!r} "
+                                   "cannot do; use method='grape' or 'local_merge', or sequential=False.")
         self.last_plan: PruningPlan | None = None
         self.evaluation: dict = {}
         self.timings: dict = {}
         # Calibration windows held aside to score candidate plans end to end (set by `calibrate`).
         self.selection_batches: list[torch.Tensor] = []
         self.selection_overlaps = False
+        # The calibration batches themselves, for merging with data (refine.py; set by `calibrate`).
+        self.calibration_batches: list[torch.Tensor] = []
 
     # -- checks -----------------------------------------------------------------------------------
     def check(self, model) -> dict[int, int]:
@@ -70,6 +75,7 @@ class GrapePruner:
         data = load_calibration_data(self.config.dataset if data is None else data)
         windows = calibration_windows(data, tokenizer, self.config.sequence_length)
         batches = list(windows[:self.config.num_samples].split(self.config.batch_size))
+        self.calibration_batches = batches
         aside, self.selection_overlaps = held_aside(windows, self.config.num_samples, self.config.selection_samples)
         self.selection_batches = list(aside.split(self.config.batch_size))
         adapter, layers = find_moe_layers(model)
@@ -182,8 +188,10 @@ class GrapePruner:
         return order_clusters(raw, priority)
 
     def _merge_weights(self, stats: ExpertStats, layer: int, clusters) -> list[list[float]]:
+        st = stats.layers[layer]
+        mass = st.tokens * st.saliency if self.merge == "saliency" else st.tokens  # REAM: saliency-weighted
         return self.method.merge_weights(layer, stats, clusters, self.merge, self.config) or \
-            cluster_weights(clusters, stats.layers[layer].tokens, self.merge)
+            cluster_weights(clusters, mass, "weighted" if self.merge == "saliency" else self.merge)
 
     def _choose(self, stats: ExpertStats, options, floors, budget, model) -> PruningPlan:
         from .candidates import score_plans
@@ -217,10 +225,55 @@ class GrapePruner:
 
     # -- 3. change --------------------------------------------------------------------------------
     def apply(self, model, plan: PruningPlan) -> None:
+        """Apply `plan` in place. After `calibrate` (or with `calibration_batches` set), merges run layer
+        by layer on calibration data when the config asks for it (activation-aware alignment, refit,
+        sequential re-planning: refine.py); the plan is updated to what was applied."""
         # The checkpoint records the settings actually used (method defaults resolved), not None.
         resolved = {**self.config.to_dict(), "allocation": self.allocation, "merge": self.merge, "router": self.router}
-        apply_plan(model, plan, GrapeConfig.from_dict(resolved))
+        merger = self._data_merger(model, plan)
+        apply_plan(model, plan, GrapeConfig.from_dict(resolved), merger)
+        if merger is not None:
+            plan.metadata["merged_with_data"] = {
+                "align_on_activations": plan.align_neurons and self.config.align_on_activations,
+                "refit": self.config.refit, "sequential": self.config.sequential, "layers": merger.report}
         self.last_plan = plan
+
+    def _data_merger(self, model, plan: PruningPlan):
+        from .refine import DataMerger
+
+        c = self.config
+        wanted = (plan.align_neurons and c.align_on_activations) or c.refit or c.sequential
+        if not wanted or not self.calibration_batches:
+            if c.refit or c.sequential:
+                logger.warning("GRAPE: refit/sequential need calibration data: call calibrate() first (or set "
+                               "GrapePruner.calibration_batches); merging without it.")
+            return None
+        replan = self._replanner(plan) if c.sequential else None
+        return DataMerger(model, self.calibration_batches, refit=c.refit, replan=replan,
+                          max_tokens=c.merge_tokens, seed=c.seed)
+
+    def _replanner(self, plan: PruningPlan):
+        """Re-plans one layer on its current inputs with the method's own per-layer rule (sequential)."""
+        from .algorithms.similarity import expert_similarity
+        from .refine import replan_weights
+
+        protected = {int(l): set(e) for l, e in (plan.metadata.get("super_experts") or {}).items()}
+
+        def replan(index, adapter, layer, hidden, gates):
+            rows = torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(self.config.seed))
+            rows = rows[:self.config.max_tokens_per_layer].to(hidden.device)
+            outputs = adapter.run_experts(layer, hidden[rows], range(layer.num_experts)).float()
+            sim = expert_similarity(outputs, self.config.similarity, gates[rows].float()).cpu()
+            raw = self.method.replan_layer(sim, len(plan.clusters[index]), protected.get(index, set()))
+            if raw is None:
+                raise GrapeError(f"Method {self.method.name!r} cannot re-plan one layer: set sequential=False.")
+            counts = (gates > 0).double().sum(0).cpu()
+            clusters = order_clusters(raw, counts)
+            weights, routers = replan_weights(clusters, gates.cpu(), "weighted" if self.merge == "saliency"
+                                              else self.merge, self.router)
+            return clusters, weights, routers
+
+        return replan
 
     def prune(self, model, data=None, tokenizer=None):
         stats = self.calibrate(model, data, tokenizer)

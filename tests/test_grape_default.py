@@ -206,3 +206,50 @@ def test_plan_json_round_trips_candidates():
     plan = pruner.plan(pruner.calibrate(model, random_token_batches(n=12)), model)
     again = PruningPlan.from_json(plan.to_json())
     assert again.metadata["candidates"] == plan.metadata["candidates"]
+
+
+# -- merging with calibration data (refine.py) -----------------------------------------------------
+def test_keep_all_through_the_data_merger_is_the_identity():
+    from optimum_grape.refine import DataMerger
+
+    model = tiny_model("qwen2_moe")
+    before = logits(model)
+    _, layers = find_moe_layers(model)
+    plan = PruningPlan(clusters={l.index: [[e] for e in range(l.num_experts)] for l in layers},
+                       num_experts_before={l.index: l.num_experts for l in layers}, align_neurons=True)
+    from optimum_grape.apply import apply_clusters
+
+    apply_clusters(model, plan, DataMerger(model, [torch.stack(random_token_batches(n=4))], refit=True))
+    assert torch.equal(logits(model), before)
+
+
+def test_router_gates_read_from_the_block_match_its_top_k():
+    from optimum_grape.refine import routing_gates
+
+    model = tiny_model("deepseek_v3")
+    layer = find_moe_layers(model)[1][0]
+    hidden = torch.randn(20, model.config.hidden_size)
+    gates = routing_gates(layer, hidden, layer.num_experts)
+    assert gates.shape == (20, layer.num_experts)
+    assert ((gates > 0).sum(1) == layer.top_k).all()
+
+
+@pytest.mark.parametrize("options", [{"refit": True}, {"sequential": True}, {"merge": "saliency"},
+                                     {"sequential": True, "refit": True, "allocation": "uniform"}])
+def test_merging_with_data_keeps_the_budget_and_a_loadable_model(options, tmp_path):
+    model = tiny_model("mixtral")
+    pruner = GrapePruner(small(pruning_ratio=0.25, **options))
+    stats = pruner.calibrate(model, random_token_batches(n=12))
+    plan = pruner.plan(stats, model)
+    pruner.apply(model, plan)
+    report = plan.metadata["merged_with_data"]
+    assert report["refit"] == options.get("refit", False) and len(report["layers"]) == 4
+    assert plan.num_removed == 8 and sum(l.num_experts for l in find_moe_layers(model)[1]) == 24
+    assert torch.isfinite(logits(model)).all()
+    pruner.save_pretrained(model, tmp_path / "out")
+    assert PruningPlan.from_json((tmp_path / "out" / "grape_plan.json").read_text()).clusters == plan.clusters
+
+
+def test_sequential_needs_a_method_that_can_replan_a_layer():
+    with pytest.raises(GrapeConfigError, match="sequential=True"):
+        GrapePruner(GrapeConfig(pruning_ratio=0.25, method="frequency", sequential=True))

@@ -116,11 +116,24 @@ class MoEAdapter:
         """Fewest experts this layer's routing can work with."""
         return layer.top_k
 
-    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False) -> None:
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False,
+                       inputs: torch.Tensor | None = None) -> None:
         """Rewrite the layer so that kept expert c = sum_i weights[c][i] * expert clusters[c][i], and
         router row c = sum_i router_weights[c][i] * row clusters[c][i]; update every count attribute.
-        With `align`, each averaged member's neurons are first permuted to match the representative's."""
+        With `align`, each averaged member's neurons are first permuted to match the representative's
+        (on their activations on `inputs` [T, H] as well as their weights, where given and supported)."""
         raise NotImplementedError
+
+    # Merging with calibration data (refine.py): activation-aware alignment and least-squares refits.
+    supports_refit = False
+
+    def expert_activations(self, layer: MoELayer, hidden: torch.Tensor, e: int) -> torch.Tensor:
+        """[T, I]: the intermediate activations of expert e on `hidden`."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot expose expert activations; refit=False.")
+
+    def set_down_projection(self, layer: MoELayer, e: int, weight: torch.Tensor) -> None:
+        """Replace expert e's down projection by `weight` [H, I]."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot replace down projections; refit=False.")
 
     def resize_empty(self, layer: MoELayer, count: int) -> None:
         """Resize a freshly built (meta/empty) layer to `count` experts before weights are loaded."""

@@ -29,10 +29,11 @@ class Ernie45MoeAdapter(FusedExpertsAdapter):
         new = make(bias.data.transpose(0, 1)).transpose(0, 1).contiguous()
         statics.e_score_correction_bias = nn.Parameter(new, requires_grad=bias.requires_grad)
 
-    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False) -> None:
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False,
+                       inputs=None) -> None:
         # The bias picks experts as the router rows do: it follows the router rows' combination.
         self._rewrite_statics(layer, lambda t: combine_rows(t, clusters, router_weights))
-        super().apply_clusters(layer, clusters, weights, router_weights, align)
+        super().apply_clusters(layer, clusters, weights, router_weights, align, inputs)
 
     def resize_empty(self, layer: MoELayer, count: int) -> None:
         self._rewrite_statics(layer, lambda t: torch.empty((count, *t.shape[1:]), dtype=t.dtype, device=t.device))

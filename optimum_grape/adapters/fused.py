@@ -46,6 +46,7 @@ class FusedExpertsAdapter(MoEAdapter):
     model_types = ()
     count_key = "num_local_experts"
     top_k_key = "num_experts_per_tok"
+    supports_refit = True
 
     # -- locating ---------------------------------------------------------------------------------
     def find_router(self, block: nn.Module, experts: nn.Module, num_experts: int) -> nn.Module:
@@ -79,13 +80,25 @@ class FusedExpertsAdapter(MoEAdapter):
             raise UnsupportedModelError(f"{type(experts).__name__} applies a post-expert norm, not supported yet.")
         outputs = []
         for e in expert_ids:
-            up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-            up_bias = getattr(experts, up_name + "_bias")[e] if experts.has_bias else None
-            proj = _linear(hidden, getattr(experts, up_name)[e], up_bias, experts.is_transposed)
-            proj = experts._apply_gate(proj) if experts.has_gate else experts.act_fn(proj)
+            proj = self.expert_activations(layer, hidden, e)
             down_bias = experts.down_proj_bias[e] if experts.has_bias else None
             outputs.append(_linear(proj, experts.down_proj[e], down_bias, experts.is_transposed))
         return torch.stack(outputs, dim=0)
+
+    def expert_activations(self, layer: MoELayer, hidden: torch.Tensor, e: int) -> torch.Tensor:
+        """[T, I]: the intermediate activations of expert e (what its down projection reads)."""
+        experts = layer.experts
+        up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+        up_bias = getattr(experts, up_name + "_bias")[e] if experts.has_bias else None
+        proj = _linear(hidden, getattr(experts, up_name)[e], up_bias, experts.is_transposed)
+        return experts._apply_gate(proj) if experts.has_gate else experts.act_fn(proj)
+
+    def set_down_projection(self, layer: MoELayer, e: int, weight: torch.Tensor) -> None:
+        """Replace expert e's down projection by `weight` [H, I] (the bias, if any, is kept)."""
+        down = layer.experts.down_proj
+        new = down.data.clone()
+        new[e] = (weight.T if layer.experts.is_transposed else weight).to(new.dtype)
+        layer.experts.down_proj = nn.Parameter(new, requires_grad=down.requires_grad)
 
     # -- changing ---------------------------------------------------------------------------------
     def _rewrite(self, layer: MoELayer, make_expert, make_router, count: int) -> None:
@@ -104,8 +117,9 @@ class FusedExpertsAdapter(MoEAdapter):
     def set_count(self, layer: MoELayer, count: int) -> None:
         set_count_attributes((layer.block, layer.experts, layer.router), count)
 
-    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False) -> None:
-        aligned = self.aligned_expert_tensors(layer, clusters, weights) if align else {}
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False,
+                       inputs: torch.Tensor | None = None) -> None:
+        aligned = self.aligned_expert_tensors(layer, clusters, weights, inputs) if align else {}
         self._rewrite(layer,
                       lambda name, t: combine_rows(aligned.get(name, t), clusters, weights),
                       lambda name, t: combine_rows(t, clusters, router_weights),
@@ -134,9 +148,11 @@ class FusedExpertsAdapter(MoEAdapter):
             parts.append(x)
         return torch.cat(parts, dim=1)
 
-    def aligned_expert_tensors(self, layer: MoELayer, clusters, weights) -> dict[str, torch.Tensor]:
+    def aligned_expert_tensors(self, layer: MoELayer, clusters, weights, inputs: torch.Tensor | None = None
+                               ) -> dict[str, torch.Tensor]:
         """Copies of the expert tensors in which every member that is averaged into a cluster has
-        its neurons permuted to match the cluster's representative (members[0])."""
+        its neurons permuted to match the cluster's representative (members[0]); with `inputs` (layer
+        inputs [T, H]) neurons are matched on their activations on those tokens as well as on weights."""
         experts = layer.experts
         axes = self._neuron_axes(experts)
         interleaved = not getattr(experts, "is_concatenated", True)
@@ -144,10 +160,12 @@ class FusedExpertsAdapter(MoEAdapter):
         for members, w in zip(clusters, weights):
             rep = members[0]
             ref = self._neuron_features(experts, rep, axes)
+            ref_act = self.expert_activations(layer, inputs, rep).T if inputs is not None else None
             for m, wm in zip(members[1:], w[1:]):
                 if wm == 0.0:
                     continue
-                perm = match_neurons(ref, self._neuron_features(experts, m, axes))
+                mem_act = self.expert_activations(layer, inputs, m).T if inputs is not None else None
+                perm = match_neurons(ref, self._neuron_features(experts, m, axes), ref_act, mem_act)
                 for name, (axis, paired) in axes.items():
                     index = paired_index(perm, interleaved) if paired else perm
                     out[name][m] = out[name][m].index_select(axis, index.to(out[name].device))

@@ -101,7 +101,8 @@ class ModuleListExpertsAdapter(MoEAdapter):
             if tensor.dim() >= 1 and tensor.shape[0] == old:
                 setattr(layer.router, name, nn.Parameter(make(tensor.data), requires_grad=tensor.requires_grad))
 
-    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False) -> None:
+    def apply_clusters(self, layer: MoELayer, clusters, weights, router_weights, align: bool = False,
+                       inputs=None) -> None:
         if align and any(len([w for w in ws if w]) > 1 for ws in weights):
             logger.warning("Layer %d: neuron alignment before merging is implemented for fused experts only; "
                            "nn.ModuleList experts are averaged unaligned (set align_neurons=False to silence).",

@@ -14,14 +14,25 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 
-def match_neurons(reference: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+def match_neurons(reference: torch.Tensor, member: torch.Tensor, reference_acts: torch.Tensor | None = None,
+                  member_acts: torch.Tensor | None = None) -> torch.Tensor:
     """Permutation `perm` [I] such that member neuron perm[k] takes the place of reference neuron k.
 
     `reference` and `member` are [I, F]: one feature row (all weights touching the neuron) per neuron.
-    """
-    ref = torch.nn.functional.normalize(reference.double(), dim=-1)
-    mem = torch.nn.functional.normalize(member.double(), dim=-1)
-    _, cols = linear_sum_assignment((ref @ mem.T).cpu().numpy(), maximize=True)
+    With `*_acts` [I, T] (each neuron's activation on the same calibration tokens), neurons are matched
+    on the mean of two cosines: of their weights and of their centred activations (REAM, arXiv
+    2604.04356, aligns on activations plus weights: two neurons can have unlike weights yet fire alike
+    on the data that matters)."""
+    def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = torch.nn.functional.normalize(a.double(), dim=-1)
+        b = torch.nn.functional.normalize(b.double(), dim=-1)
+        return a @ b.T
+
+    score = cosines(reference, member)
+    if reference_acts is not None and member_acts is not None:
+        centred = [x.double() - x.double().mean(dim=1, keepdim=True) for x in (reference_acts, member_acts)]
+        score = (score + cosines(*centred)) / 2
+    _, cols = linear_sum_assignment(score.cpu().numpy(), maximize=True)
     return torch.as_tensor(cols, dtype=torch.long)
 
 

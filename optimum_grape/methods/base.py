@@ -33,7 +33,7 @@ class PruningMethod:
     allocations: tuple[str, ...] = ("global", "uniform")
     default_allocation: str = "uniform"
     default_merge: str = "drop"
-    merges: tuple[str, ...] = ("weighted", "drop")
+    merges: tuple[str, ...] = ("weighted", "saliency", "drop")
     default_router: str = "representative"
     reference: str = ""
 
@@ -55,6 +55,11 @@ class PruningMethod:
               ) -> dict[int, tuple[list[list[int]], float]] | None:
         """Per layer, clusters whose end-to-end effect calibration should measure when only that layer
         is pruned, with their summed local cost (stored as `LayerStats.sensitivity`); None: no probe."""
+        return None
+
+    def replan_layer(self, similarity: torch.Tensor, keep: int, protected: set[int]) -> list[list[int]] | None:
+        """Clusters of one layer from a similarity measured again on its current inputs (sequential
+        merging), keeping `keep` experts; None: this method cannot re-plan a single layer."""
         return None
 
     def check(self, num_experts: dict[int, int], config, floors: dict[int, int] | None = None) -> None:

@@ -87,6 +87,9 @@ class LocalMergeMethod(_LocalMergeBase):
     def group_layer(self, layer_stats, keep):
         return average_linkage(layer_stats.similarity, keep)
 
+    def replan_layer(self, similarity, keep, protected):
+        return average_linkage(similarity, keep)
+
 
 class EnumerateMethod(PruningMethod):
     name = "enumerate"

@@ -34,7 +34,7 @@ class CPruneMethod(PruningMethod):
     needs = frozenset({"mean_output"})
     default_allocation = "global"
     default_merge = "affinity"
-    merges = ("affinity", "weighted", "drop")
+    merges = ("affinity", "weighted", "saliency", "drop")
     default_router = "mean"
     reference = "C-Prune, arXiv 2504.07807"
 

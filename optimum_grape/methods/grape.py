@@ -93,6 +93,10 @@ class GrapeMethod(PruningMethod):
                       for l, s in sims.items()}
         return {"layer_redundancy": redundancy, "super_experts": {str(l): e for l, e in protected.items()}}
 
+    def replan_layer(self, similarity, keep, protected):
+        # Within one layer the kernel keeps the cost order, so the raw similarity plans the same merges.
+        return greedy_merge_to(similarity, keep, protected)
+
     def cluster(self, stats, budget, floors, allocation, config):
         sims, protected = self._inputs(stats, config)
         meta = self._shared_metadata(sims, protected)

@@ -19,9 +19,10 @@ from .adapters import find_moe_layers
 from .algorithms.budget import check_budget
 from .algorithms.merging import cluster_weights, order_clusters, router_weights
 from .apply import apply_plan
-from .calibration import calibration_windows, held_aside, load_calibration_data, recording
+from .calibration import calibration_windows, held_aside, load_calibration_data, recording, warn_if_little_data
 from .config import GrapeConfig
 from .errors import GrapeError
+from .fingerprint import stats_fingerprint
 from .methods import get_method, resolve_allocation, resolve_merge
 from .plan import PruningPlan
 from .stats import ExpertStats
@@ -71,8 +72,9 @@ class GrapePruner:
         windows = calibration_windows(data, tokenizer, self.config.sequence_length)
         batches = list(windows[:self.config.num_samples].split(self.config.batch_size))
         aside, self.selection_overlaps = held_aside(windows, self.config.num_samples, self.config.selection_samples)
-        self.selection_batches = list(aside.split(self.config.batch_size))
+        self.selection_batches = list(aside.split(self.config.batch_size)) if aside.numel() else []
         adapter, layers = find_moe_layers(model)
+        warn_if_little_data(sum(b.numel() for b in batches), layers)
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -94,7 +96,8 @@ class GrapePruner:
         self._measure_sensitivity(model, stats)
         num_tokens = sum(b.numel() for b in batches)
         self.timings["calibration_s"] = time.perf_counter() - start
-        metadata = {"model_type": model.config.model_type, "num_tokens": num_tokens, "num_sequences":
+        metadata = {"model_type": model.config.model_type, "architecture": type(model).__name__,
+                    "num_tokens": num_tokens, "num_sequences":
                     sum(b.shape[0] for b in batches), "similarity": self.config.similarity,
                     "needs": sorted(needs), "seed": self.config.seed}
         logger.info("GRAPE: calibrated %d MoE layers on %d tokens in %.1fs", len(layers), num_tokens,
@@ -148,6 +151,7 @@ class GrapePruner:
             plan = self._build_plan(stats, raw, metadata, floors, budget)
         else:
             plan = self._choose(stats, options, floors, budget, model)
+        plan.model_fingerprint = stats_fingerprint(stats)  # applying it to another model is refused
         self.timings["plan_s"] = time.perf_counter() - start
         self.last_plan = plan
         return plan
@@ -216,10 +220,12 @@ class GrapePruner:
         return plan
 
     # -- 3. change --------------------------------------------------------------------------------
-    def apply(self, model, plan: PruningPlan) -> None:
+    def apply(self, model, plan: PruningPlan, check_model: bool = True) -> None:
+        """Apply `plan` in place, all or nothing. A plan computed for another model (its fingerprint:
+        architecture and router weights) is refused unless `check_model=False`."""
         # The checkpoint records the settings actually used (method defaults resolved), not None.
         resolved = {**self.config.to_dict(), "allocation": self.allocation, "merge": self.merge, "router": self.router}
-        apply_plan(model, plan, GrapeConfig.from_dict(resolved))
+        apply_plan(model, plan, GrapeConfig.from_dict(resolved), check_model=check_model)
         self.last_plan = plan
 
     def prune(self, model, data=None, tokenizer=None):

@@ -6,8 +6,8 @@ different expert counts per layer load with `AutoModelForCausalLM.from_pretraine
 
 from .adapters import register_adapter, supported_model_types
 from .config import GrapeConfig
-from .errors import (BudgetError, CalibrationDataError, CheckpointError, GrapeConfigError, GrapeError,
-                     UnsupportedModelError)
+from .errors import (BudgetError, CalibrationDataError, CheckpointError, GrapeConfigError, GrapeError, PlanError,
+                     StatsError, UnsupportedModelError)
 from .methods import list_methods, register_method
 from .modeling import GrapeModelForCausalLM
 from .plan import PruningPlan
@@ -20,5 +20,6 @@ register_with_transformers()
 __version__ = "0.1.0"
 
 __all__ = ["BudgetError", "CalibrationDataError", "CheckpointError", "ExpertStats", "GrapeConfig",
-           "GrapeConfigError", "GrapeError", "GrapeHfQuantizer", "GrapeModelForCausalLM", "GrapePruner", "PruningPlan",
-           "UnsupportedModelError", "list_methods", "register_adapter", "register_method", "supported_model_types"]
+           "GrapeConfigError", "GrapeError", "GrapeHfQuantizer", "GrapeModelForCausalLM", "GrapePruner", "PlanError",
+           "PruningPlan", "StatsError", "UnsupportedModelError", "list_methods", "register_adapter", "register_method",
+           "supported_model_types"]

@@ -1,7 +1,8 @@
 """Applying a `PruningPlan` to a model in place, and recording the new layout in its config.
 
 The only module that changes a model: tensors through the family adapter, counts in the config
-(DESIGN.md decision 4) so that `save_pretrained` writes a checkpoint that loads back.
+(DESIGN.md decision 4) so that `save_pretrained` writes a checkpoint that loads back. A plan is
+applied whole or not at all.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 
 from .adapters import MoEAdapter, find_moe_layers
 from .algorithms.merging import cluster_weights, router_weights
-from .errors import GrapeError
 from .plan import PruningPlan
+from .validation import check_plan_fits
 
 logger = logging.getLogger("optimum_grape")
 
@@ -31,11 +32,13 @@ def layout_from_plan(plan: PruningPlan) -> dict:
 
 
 @torch.no_grad()
-def apply_plan(model, plan: PruningPlan, pruning_config=None, merger=None) -> None:
-    """Apply `plan` in place and record the new layout in `model.config`. `merger` (refine.DataMerger)
-    merges each layer with calibration data and may re-plan its clusters; the plan is updated to what
-    was applied."""
-    adapter = apply_clusters(model, plan, merger)
+def apply_plan(model, plan: PruningPlan, pruning_config=None, check_model: bool = True, merger=None) -> None:
+    """Apply `plan` to `model` in place, all or nothing (see `apply_clusters`), then record the new
+    layout in `model.config`. `check_model=False` skips the check that the plan was computed for
+    this model (its fingerprint); the layers, counts and top-k floors are always checked. `merger`
+    (refine.DataMerger) merges each layer with calibration data and may re-plan its clusters (same
+    counts); the plan is updated to what was applied."""
+    adapter = apply_clusters(model, plan, check_model, merger)
     if plan.metadata.get("routing_overrides"):
         changed = plan.metadata["routing_overrides"]
         logger.warning("%d layer(s) keep expert counts their grouped router cannot split (%s): routing there falls "
@@ -47,34 +50,63 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None, merger=None) -> No
 
 
 @torch.no_grad()
-def apply_clusters(model, plan: PruningPlan, merger=None) -> MoEAdapter:
+def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=None) -> MoEAdapter:
     """Rewrite every MoE layer the plan covers (tensors and routing), leaving `model.config` alone:
-    what candidate scoring needs, and the first half of `apply_plan`."""
+    what candidate scoring needs, and the first half of `apply_plan`.
+
+    All or nothing: the plan is checked against every layer before any layer changes
+    (`validation.check_plan_fits`), and if changing a layer fails, the layers already changed are
+    put back as they were."""
+    plan.validate()
     adapter, layers = find_moe_layers(model)
-    by_index = {layer.index: layer for layer in layers}
-    for index, clusters in sorted(plan.clusters.items()):
-        layer = by_index.get(index)
-        if layer is None:
-            raise GrapeError(f"The plan prunes decoder layer {index}, which is not an MoE layer of this model "
-                             f"(MoE layers: {sorted(by_index)}).")
-        if layer.num_experts != plan.num_experts_before[index]:
-            raise GrapeError(
-                f"Layer {index} has {layer.num_experts} experts but the plan was made for "
-                f"{plan.num_experts_before[index]}: apply a plan to the model it was planned on, unpruned."
-            )
-        weights = plan.merge_weights.get(index) or cluster_weights(clusters, None, "drop")
-        routers = plan.router_weights.get(index) or router_weights(clusters, plan.router)
-        overrides = adapter.routing_overrides(layer, len(clusters))  # asked before the layer changes
-        if merger is not None and adapter.supports_refit:
-            plan.clusters[index], plan.merge_weights[index] = merger(adapter, layer, clusters, weights, routers,
-                                                                     plan.align_neurons)
-            plan.router_weights[index] = router_weights(plan.clusters[index], plan.router)
-        else:
-            adapter.apply_clusters(layer, clusters, weights, routers, plan.align_neurons)
-        if overrides:
-            adapter.apply_routing_overrides(layer, overrides)
-            plan.metadata.setdefault("routing_overrides", {})[str(index)] = overrides
+    targets = check_plan_fits(plan, adapter, layers, model if check_model else None)
+    # Asked before any layer changes: the answer depends on the layer's current routing.
+    overrides = {index: adapter.routing_overrides(layer, len(plan.clusters[index])) for index, layer in targets.items()}
+    snapshot = Snapshot([module for layer in targets.values() for module in layer.block.modules()])
+    done = False
+    try:
+        for index, layer in sorted(targets.items()):
+            clusters = plan.clusters[index]
+            weights = plan.merge_weights.get(index) or cluster_weights(clusters, None, "drop")
+            routers = plan.router_weights.get(index) or router_weights(clusters, plan.router)
+            if merger is not None and adapter.supports_refit:
+                plan.clusters[index], plan.merge_weights[index] = merger(adapter, layer, clusters, weights, routers,
+                                                                         plan.align_neurons)
+                plan.router_weights[index] = router_weights(plan.clusters[index], plan.router)
+            else:
+                adapter.apply_clusters(layer, clusters, weights, routers, plan.align_neurons)
+            if overrides[index]:
+                adapter.apply_routing_overrides(layer, overrides[index])
+        done = True
+    finally:
+        if not done:
+            snapshot.restore()
+    # Recomputed from the model, never taken from the plan: a stale or edited value would reach the
+    # checkpoint's config and break loading.
+    plan.metadata["routing_overrides"] = {str(index): changed for index, changed in sorted(overrides.items()) if changed}
     return adapter
+
+
+class Snapshot:
+    """What `restore` needs to undo any change applying a plan makes to `modules`: their attributes,
+    parameters, buffers and submodules as they were, and each parameter's tensor. Applying a plan only
+    replaces tensors, modules and integer attributes (it never writes into a tensor), so this shallow
+    snapshot is exact and costs no copy of the weights."""
+
+    def __init__(self, modules) -> None:
+        self.saved = []
+        for module in modules:
+            state = {k: dict(v) if k in ("_parameters", "_buffers", "_modules") else v for k, v in vars(module).items()}
+            tensors = [(p, p.data) for p in module._parameters.values() if p is not None]
+            self.saved.append((module, state, tensors))
+
+    def restore(self) -> None:
+        for module, state, tensors in self.saved:
+            for key in set(vars(module)) - set(state):
+                del vars(module)[key]
+            vars(module).update(state)
+            for param, data in tensors:
+                param.data = data
 
 
 def record_layout(model, adapter: MoEAdapter, plan: PruningPlan, pruning_config=None) -> None:

@@ -18,7 +18,7 @@ import math
 import torch
 
 from .adapters import find_moe_layers
-from .apply import apply_clusters
+from .apply import Snapshot, apply_clusters
 from .plan import PruningPlan
 
 logger = logging.getLogger("optimum_grape")
@@ -27,23 +27,13 @@ TOP = 256
 
 @contextlib.contextmanager
 def restored(modules):
-    """Undo every change to `modules` on exit: attributes, parameters, buffers and submodules as they
-    were, and each parameter's tensor. Applying a plan only replaces tensors, modules and integer
-    attributes (it never writes into a tensor), so this shallow snapshot restores the model exactly."""
-    saved = []
-    for module in modules:
-        state = {k: dict(v) if k in ("_parameters", "_buffers", "_modules") else v for k, v in vars(module).items()}
-        tensors = [(p, p.data) for p in module._parameters.values() if p is not None]
-        saved.append((module, state, tensors))
+    """Undo every change to `modules` on exit (`apply.Snapshot`: attributes, parameters, buffers,
+    submodules and each parameter's tensor as they were)."""
+    snapshot = Snapshot(modules)
     try:
         yield
     finally:
-        for module, state, tensors in saved:
-            for key in set(vars(module)) - set(state):
-                del vars(module)[key]
-            vars(module).update(state)
-            for param, data in tensors:
-                param.data = data
+        snapshot.restore()
 
 
 @torch.no_grad()

@@ -54,7 +54,8 @@ def render_model_card(model, plan: PruningPlan | None, evaluation: dict, base_mo
         overrides = plan.metadata.get("routing_overrides") or {}
         if overrides:
             lines += ["Routing changes: " + json.dumps(overrides), ""]
-        calib = plan.metadata.get("calibration", {})
+        calib = plan.metadata.get("calibration")
+        calib = calib if isinstance(calib, dict) else {}  # metadata is free-form: a hand-edited plan may hold anything
         lines += ["## Calibration", "",
                   f"{calib.get('num_sequences', '?')} sequences, {calib.get('num_tokens', '?')} tokens "
                   f"(dataset: `{hyper.get('dataset') or 'optimum-grape shipped calibration text'}`).", ""]

@@ -1,5 +1,5 @@
 """Writing a pruned model as a Hub-ready folder (weights, config with per-layer counts, plan,
-model card), atomically, and uploading that folder."""
+model card, SHA-256 manifest), atomically, and uploading that folder."""
 
 from __future__ import annotations
 
@@ -10,18 +10,12 @@ import tempfile
 from pathlib import Path
 
 from .card import render_model_card
+from .destinations import check_destination, make_staging_folder, staging_path
 from .errors import CheckpointError
+from .manifest import write_manifest
 from .plan import PruningPlan
 
 PLAN_FILE = "grape_plan.json"
-
-
-def check_destination(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise CheckpointError(
-            f"Output folder {str(out_dir)!r} exists and is not empty; choose a new folder or pass overwrite=True "
-            "(CLI: --overwrite) to replace it."
-        )
 
 
 def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None = None, evaluation=None,
@@ -37,15 +31,18 @@ def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None =
 def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None, overwrite: bool = False,
                 evaluation=None, base_model: str | None = None) -> Path:
     """Write everything next to the destination first, then move it into place: an interrupted save
-    never leaves a half-written checkpoint at `out_dir`."""
+    never leaves a half-written checkpoint at `out_dir`. The folder gets a SHA-256 manifest of its
+    weight files (`manifest.py`). `overwrite` replaces only a checkpoint optimum-grape wrote, never
+    the folder the model was loaded from (`destinations.check_destination`)."""
     out_dir = Path(out_dir)
-    check_destination(out_dir, overwrite)
+    check_destination(out_dir, overwrite, reads=[getattr(model, "name_or_path", None) or None])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging = make_staging_folder(out_dir)
     try:
         write_folder(model, staging, tokenizer, plan, evaluation, base_model)
+        write_manifest(staging)
         if out_dir.exists():
-            backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            backup = staging_path(out_dir, "old")
             os.replace(out_dir, backup)
             os.replace(staging, out_dir)
             shutil.rmtree(backup, ignore_errors=True)
@@ -86,4 +83,13 @@ def read_plan(folder) -> PruningPlan | None:
 
 
 def read_config_json(folder) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(folder)!r} has no config.json; pass a model folder.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"Cannot read {path}: {err}.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; it is not a transformers config.")
+    return config

@@ -3,7 +3,11 @@
     optimum-grape prune default --output pruned --ratio 0.25 --evaluate
     optimum-grape prune ./Mixtral-8x7B --output ./mixtral-grape-25 --ratio 0.25 --dataset calib.txt
     optimum-grape inspect ./mixtral-grape-25
+    optimum-grape inspect --verify ./mixtral-grape-25
     optimum-grape methods
+
+Arguments are read and checked by `inputs.py` and `destinations.py` before the model loads; every
+GrapeError becomes a one-line message and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,30 +20,17 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from .errors import GrapeError
-
-DEFAULT_MODEL = "default"
-
-
-def default_model_path() -> Path:
-    return Path(str(resources.files("optimum_grape") / "default_model"))
+from .errors import CheckpointError, GrapeError
+from .inputs import DEFAULT_MODEL, default_model_path  # noqa: F401 (default_model_path: public here too)
 
 
 def heldout_paths() -> list[Path]:
     return sorted(Path(str(resources.files("optimum_grape") / "data" / "heldout")).glob("*.txt"))
 
 
-def _resolve_base(base: str) -> str:
-    if base == DEFAULT_MODEL:
-        path = default_model_path()
-        if not (path / "config.json").exists():
-            raise GrapeError(f"The embedded default model is missing at {path}; reinstall optimum-grape.")
-        return str(path)
-    return base
-
-
 def _config_from_args(args):
     from .config import GrapeConfig
+    from .inputs import parse_method_kwargs
 
     # Fields the user left unset keep the preset's value (GrapeConfig's 'preset' default).
     preset_fields = {"similarity": args.similarity, "entropy_tolerance": _gamma(args.entropy_tolerance)}
@@ -56,7 +47,7 @@ def _config_from_args(args):
         batch_size=args.batch_size, max_tokens_per_layer=args.max_tokens_per_layer, seed=args.seed,
         align_neurons=not args.no_align, align_on_activations=not args.no_align_on_activations, refit=args.refit,
         sequential=args.sequential, merge_tokens=args.merge_tokens,
-        method_kwargs=json.loads(args.method_kwargs) if args.method_kwargs else {},
+        method_kwargs=parse_method_kwargs(args.method_kwargs),
     )
 
 
@@ -84,40 +75,49 @@ def _evaluate(model, tokenizer, max_tokens: int, window: int) -> dict[str, float
 
 def cmd_prune(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import check_destination, push_folder
+    from .calibration import load_calibration_data
+    from .checkpoint import push_folder
     from .config import GrapeConfig
+    from .destinations import check_destination, check_stats_destination
     from .evaluation import count_parameters, folder_bytes
-    from .plan import PruningPlan
+    from .inputs import check_eval_tokens, load_base, read_plan_file, read_stats_file, resolve_base
     from .pruner import GrapePruner
 
-    # Everything that can be refused is checked before the model is loaded.
+    # Everything that can be refused is checked before the model is loaded; nothing a job reads is
+    # ever a path it writes.
     output = Path(args.output)
-    check_destination(output, args.overwrite)
-    if args.plan is not None:
-        if not Path(args.plan).is_file():
-            raise GrapeError(f"--plan {args.plan!r} is not a file; pass the grape_plan.json of an earlier prune.")
-        plan = PruningPlan.from_json(Path(args.plan).read_text(encoding="utf-8"))
+    reads = [default_model_path() if args.base == DEFAULT_MODEL else args.base, args.plan, args.stats, args.dataset]
+    check_destination(output, args.overwrite, reads)
+    if args.save_stats:
+        if args.plan or args.stats:
+            raise GrapeError("--save-stats writes what calibration measures; with --plan or --stats nothing is "
+                             "calibrated. Drop --save-stats.")
+        check_stats_destination(args.save_stats, args.overwrite, reads, output)
+    check_eval_tokens(args.eval_tokens)
+    plan = read_plan_file(args.plan) if args.plan is not None else None
+    stats = read_stats_file(args.stats) if args.stats is not None else None
+    if plan is not None:
         pruner = GrapePruner(GrapeConfig(method=plan.method, num_experts_to_prune=max(1, plan.num_removed),
                                          allocation=plan.metadata.get("allocation"), merge=plan.metadata.get("merge"),
                                          router=plan.router, align_neurons=plan.align_neurons))
     else:
         pruner = GrapePruner(_config_from_args(args))
-    base = _resolve_base(args.base)
+    data = load_calibration_data(pruner.config.dataset) if plan is None and stats is None else None
+    base = resolve_base(args.base)
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_base(base, args.trust_remote_code)
     params_before = count_parameters(model)
     bytes_before = folder_bytes(base) if Path(base).is_dir() else None
     before = _evaluate(model, tokenizer, args.eval_tokens, args.sequence_length) if args.evaluate else {}
     start = time.perf_counter()
-    if args.plan is None:
-        stats = pruner.calibrate(model, None, tokenizer)
-        if args.save_stats:
-            stats.save(args.save_stats)
+    if plan is None:
+        if stats is None:
+            stats = pruner.calibrate(model, data, tokenizer)
+            if args.save_stats:
+                stats.save(args.save_stats)
         plan = pruner.plan(stats, model)  # scores GRAPE's candidate plans on held-aside calibration text
-    pruner.apply(model, plan)
+    pruner.apply(model, plan, check_model=not args.force_plan)
     elapsed = time.perf_counter() - start
     after = _evaluate(model, tokenizer, args.eval_tokens, args.sequence_length) if args.evaluate else {}
     how = f"perplexity on the first {args.eval_tokens} tokens of each held-out file, windows of {args.sequence_length}"
@@ -151,6 +151,8 @@ def cmd_prune(args) -> int:
 def cmd_inspect(args) -> int:
     from .checkpoint import read_config_json, read_plan
 
+    if args.verify:
+        return _verify(args.path)
     config = read_config_json(args.path)
     layout = (config.get("quantization_config") or {}).get("pruned_layout")
     print(f"model_type: {config.get('model_type')}")
@@ -166,6 +168,23 @@ def cmd_inspect(args) -> int:
     if plan is not None:
         print(plan.summary())
     print(f"num_local_experts_per_layer: {config.get('num_local_experts_per_layer')}")
+    return 0
+
+
+def _verify(folder: str) -> int:
+    """Exit 0 when every weight file matches grape_manifest.json, 1 (naming the files) otherwise."""
+    from .manifest import MANIFEST_FILE, verify_folder
+
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"{folder!r} is not a folder; pass a checkpoint folder written by optimum-grape.")
+    verified, problems = verify_folder(folder)
+    for problem in problems:
+        print(f"optimum-grape: verify: {problem}", file=sys.stderr)
+    if problems:
+        print(f"optimum-grape: verify: {folder} does NOT match its {MANIFEST_FILE} ({len(problems)} problem(s))",
+              file=sys.stderr)
+        return 1
+    print(f"verified {len(verified)} weight file(s) against {MANIFEST_FILE}: OK")
     return 0
 
 
@@ -231,11 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--max-tokens-per-layer", type=int, default=512)
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--method-kwargs", default=None, help="JSON object of method-specific hyperparameters")
-    prune.add_argument("--plan", default=None, help="apply this plan JSON instead of calibrating")
-    prune.add_argument("--save-stats", default=None, help="also write calibration statistics (.safetensors)")
+    source = prune.add_mutually_exclusive_group()
+    source.add_argument("--plan", default=None, help="apply this plan JSON instead of calibrating")
+    source.add_argument("--stats", default=None, help="plan from these statistics (written by --save-stats) instead "
+                                                      "of calibrating")
+    prune.add_argument("--force-plan", action="store_true",
+                       help="apply a plan (or statistics) even if it was computed for a different model: its recorded "
+                            "architecture or router weights differ from BASE's")
+    prune.add_argument("--save-stats", default=None, help="also write calibration statistics (.safetensors); an "
+                                                          "existing file is replaced only with --overwrite")
     prune.add_argument("--evaluate", action="store_true", help="held-out perplexity before and after")
     prune.add_argument("--eval-tokens", type=int, default=8192, help="tokens per held-out domain to score")
-    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace an output folder holding a checkpoint optimum-grape wrote (nothing else)")
     prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo")
     prune.add_argument("--base-model", default=None, metavar="REPO_ID",
                        help="Hub id of the base model, for the card's base_model (default: BASE if it is not a "
@@ -244,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(func=cmd_prune)
     inspect = sub.add_parser("inspect", help="show the MoE layout of a pruned checkpoint")
     inspect.add_argument("path")
+    inspect.add_argument("--verify", action="store_true",
+                         help="check every weight file against the SHA-256 in grape_manifest.json: exit 1 and name "
+                              "each file that differs")
     inspect.set_defaults(func=cmd_inspect)
     methods = sub.add_parser("methods", help="list the registered pruning methods")
     methods.set_defaults(func=cmd_methods)

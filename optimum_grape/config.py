@@ -205,6 +205,13 @@ class GrapeConfig(QuantizationConfigMixin):
                 raise GrapeConfigError(f"GrapeConfig.{name}={getattr(self, name)!r} must be True or False.")
         if not isinstance(self.method_kwargs, dict):
             raise GrapeConfigError(f"GrapeConfig.method_kwargs must be a dict, got {type(self.method_kwargs).__name__}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise GrapeConfigError(f"GrapeConfig.seed={self.seed!r} must be an integer >= 0.")
+        if self.pruned_layout is None:  # a saved checkpoint's config is not re-judged on load
+            get_method(self.method).check_kwargs(self.method_kwargs)
+            from .calibration.data import check_data_type
+
+            check_data_type(self.dataset, "GrapeConfig.dataset")
 
     def _validate_budget(self) -> None:
         ratio, count = self.pruning_ratio, self.num_experts_to_prune

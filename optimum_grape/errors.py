@@ -27,3 +27,11 @@ class CalibrationDataError(GrapeError, ValueError):
 
 class CheckpointError(GrapeError, OSError):
     """Saving or loading a pruned checkpoint would lose or corrupt data."""
+
+
+class PlanError(GrapeError, ValueError):
+    """A pruning plan is malformed, or does not fit the model it is applied to."""
+
+
+class StatsError(GrapeError, ValueError):
+    """A calibration statistics file is malformed, or was edited into an inconsistent state."""

@@ -1,48 +1,42 @@
 """`PruningPlan`: the outcome of planning, as plain data a user can read, edit and re-apply.
 
 Per MoE layer (keyed by decoder-layer index): the clusters of ORIGINAL expert ids that become one
-expert each (representative first), and the weights used to merge each cluster.
+expert each (representative first), and the weights used to merge each cluster. A plan also records
+the fingerprint of the model it was computed for (`fingerprint.py`), so that applying it to another
+model is refused. Reading and checking the fields strictly is `validation.py`'s job.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from .errors import GrapeError
+from .errors import PlanError
+from .validation import check_plan, check_plan_dict, check_plan_weights_present, normalise_plan
 
 
 @dataclass
 class PruningPlan:
     clusters: dict[int, list[list[int]]]
     num_experts_before: dict[int, int]
+    # Per layer, a convex combination per cluster; a layer left out keeps each cluster's
+    # representative (plan files must give every layer: `from_dict`).
     merge_weights: dict[int, list[list[float]]] = field(default_factory=dict)
     router_weights: dict[int, list[list[float]]] = field(default_factory=dict)
     method: str = "grape"
     router: str = "representative"
     align_neurons: bool = False
     metadata: dict = field(default_factory=dict)
+    # {"model_type", "architecture", "router_sha256"} of the model planned on ({}: unknown, not checked).
+    model_fingerprint: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.clusters = {int(k): [list(map(int, c)) for c in v] for k, v in self.clusters.items()}
-        self.num_experts_before = {int(k): int(v) for k, v in self.num_experts_before.items()}
-        self.merge_weights = {int(k): [list(map(float, w)) for w in v] for k, v in self.merge_weights.items()}
-        self.router_weights = {int(k): [list(map(float, w)) for w in v] for k, v in self.router_weights.items()}
         self.validate()
 
     def validate(self) -> None:
-        for layer, clusters in self.clusters.items():
-            members = sorted(m for c in clusters for m in c)
-            expected = list(range(self.num_experts_before[layer]))
-            if members != expected or any(not c for c in clusters):
-                raise GrapeError(
-                    f"Plan layer {layer}: clusters must partition experts 0..{expected[-1]} exactly once; "
-                    f"got {clusters}."
-                )
-            for name in ("merge_weights", "router_weights"):
-                weights = getattr(self, name).get(layer)
-                if weights is not None and [len(w) for w in weights] != [len(c) for c in clusters]:
-                    raise GrapeError(f"Plan layer {layer}: {name} do not match the clusters' sizes.")
+        """Read the fields strictly and check them (PlanError); also run before every apply."""
+        normalise_plan(self)
+        check_plan(self)
 
     @property
     def experts_per_layer(self) -> dict[int, int]:
@@ -74,6 +68,7 @@ class PruningPlan:
             "merge_weights": {str(k): v for k, v in sorted(self.merge_weights.items())},
             "router_weights": {str(k): v for k, v in sorted(self.router_weights.items())},
             "metadata": self.metadata,
+            "model_fingerprint": self.model_fingerprint,
         }
 
     def to_json(self) -> str:
@@ -81,10 +76,17 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruningPlan":
-        data = dict(data)
-        data.pop("experts_per_layer", None)  # derived from clusters
-        return cls(**data)
+        """A plan from its JSON form, strictly: every structural field present and well typed, every
+        planned layer with its weights (PlanError otherwise)."""
+        plan = cls(**check_plan_dict(data, {f.name for f in fields(cls)}))
+        check_plan_weights_present(plan)
+        return plan
 
     @classmethod
     def from_json(cls, text: str) -> "PruningPlan":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PlanError(f"The plan is not valid JSON ({err}); pass the grape_plan.json written by optimum-grape "
+                            "or fix the syntax.") from None
+        return cls.from_dict(data)

@@ -19,9 +19,10 @@ from .adapters import find_moe_layers
 from .algorithms.budget import check_budget
 from .algorithms.merging import cluster_weights, order_clusters, router_weights
 from .apply import apply_plan
-from .calibration import calibration_windows, held_aside, load_calibration_data, recording
+from .calibration import calibration_windows, held_aside, load_calibration_data, recording, warn_if_little_data
 from .config import GrapeConfig
 from .errors import GrapeConfigError, GrapeError
+from .fingerprint import stats_fingerprint
 from .methods import PruningMethod, get_method, resolve_allocation, resolve_merge
 from .plan import PruningPlan
 from .stats import ExpertStats
@@ -77,8 +78,9 @@ class GrapePruner:
         batches = list(windows[:self.config.num_samples].split(self.config.batch_size))
         self.calibration_batches = batches
         aside, self.selection_overlaps = held_aside(windows, self.config.num_samples, self.config.selection_samples)
-        self.selection_batches = list(aside.split(self.config.batch_size))
+        self.selection_batches = list(aside.split(self.config.batch_size)) if aside.numel() else []
         adapter, layers = find_moe_layers(model)
+        warn_if_little_data(sum(b.numel() for b in batches), layers)
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -100,7 +102,8 @@ class GrapePruner:
         self._measure_sensitivity(model, stats)
         num_tokens = sum(b.numel() for b in batches)
         self.timings["calibration_s"] = time.perf_counter() - start
-        metadata = {"model_type": model.config.model_type, "num_tokens": num_tokens, "num_sequences":
+        metadata = {"model_type": model.config.model_type, "architecture": type(model).__name__,
+                    "num_tokens": num_tokens, "num_sequences":
                     sum(b.shape[0] for b in batches), "similarity": self.config.similarity,
                     "needs": sorted(needs), "seed": self.config.seed}
         logger.info("GRAPE: calibrated %d MoE layers on %d tokens in %.1fs", len(layers), num_tokens,
@@ -154,6 +157,7 @@ class GrapePruner:
             plan = self._build_plan(stats, raw, metadata, floors, budget)
         else:
             plan = self._choose(stats, options, floors, budget, model)
+        plan.model_fingerprint = stats_fingerprint(stats)  # applying it to another model is refused
         self.timings["plan_s"] = time.perf_counter() - start
         self.last_plan = plan
         return plan
@@ -224,14 +228,16 @@ class GrapePruner:
         return plan
 
     # -- 3. change --------------------------------------------------------------------------------
-    def apply(self, model, plan: PruningPlan) -> None:
-        """Apply `plan` in place. After `calibrate` (or with `calibration_batches` set), merges run layer
-        by layer on calibration data when the config asks for it (activation-aware alignment, refit,
-        sequential re-planning: refine.py); the plan is updated to what was applied."""
+    def apply(self, model, plan: PruningPlan, check_model: bool = True) -> None:
+        """Apply `plan` in place, all or nothing. A plan computed for another model (its fingerprint:
+        architecture and router weights) is refused unless `check_model=False`. After `calibrate` (or
+        with `calibration_batches` set), merges run layer by layer on calibration data when the config
+        asks for it (activation-aware alignment, refit, sequential re-planning: refine.py); the plan is
+        updated to what was applied."""
         # The checkpoint records the settings actually used (method defaults resolved), not None.
         resolved = {**self.config.to_dict(), "allocation": self.allocation, "merge": self.merge, "router": self.router}
         merger = self._data_merger(model, plan)
-        apply_plan(model, plan, GrapeConfig.from_dict(resolved), merger)
+        apply_plan(model, plan, GrapeConfig.from_dict(resolved), check_model=check_model, merger=merger)
         if merger is not None:
             plan.metadata["merged_with_data"] = {
                 "align_on_activations": plan.align_neurons and self.config.align_on_activations,

@@ -1,4 +1,5 @@
-"""`ExpertStats`: what calibration measured, per MoE layer and expert. Saved as safetensors.
+"""`ExpertStats`: what calibration measured, per MoE layer and expert. Saved as safetensors
+(atomically), and checked when read back (`validation.py`): a tampered file is refused.
 
 This is the boundary between measuring (calibration, which needs the model) and planning (pure,
 which needs only these tensors), so a plan can be recomputed or compared across methods without
@@ -8,12 +9,19 @@ running the model again.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .destinations import clean_stale_staging, staging_path
+from .errors import CheckpointError, StatsError
+from .validation import check_stats_tensors, parse_stats_header
+
+HEADER_KEY = "grape_stats"
 
 _TENSOR_FIELDS = ("router_weight", "tokens", "weight_mass", "saliency", "max_output", "similarity", "mean_output",
                   "router_logits", "expert_outputs")
@@ -54,6 +62,12 @@ class ExpertStats:
         return {l: s.floor for l, s in self.layers.items()}
 
     def save(self, path: str | Path) -> None:
+        """Write to `path` atomically (a hidden file beside it, then a rename). An existing file is
+        replaced only if it holds optimum-grape statistics: never model weights or anything else."""
+        path = Path(path)
+        if path.exists() and not is_stats_file(path):
+            raise CheckpointError(f"{str(path)!r} exists and is not an optimum-grape statistics file; it is never "
+                                  "replaced. Choose another path.")
         tensors, layer_meta = {}, {}
         for index, layer in self.layers.items():
             layer_meta[str(index)] = {"num_experts": layer.num_experts, "floor": layer.floor,
@@ -62,17 +76,49 @@ class ExpertStats:
                 value = getattr(layer, name)
                 if value is not None:
                     tensors[f"layers.{index}.{name}"] = value.detach().cpu().contiguous()
-        header = {"grape_stats": json.dumps({"metadata": self.metadata, "layers": layer_meta})}
-        save_file(tensors, str(path), metadata=header)
+        header = {HEADER_KEY: json.dumps({"metadata": self.metadata, "layers": layer_meta})}
+        clean_stale_staging(path)
+        partial = staging_path(path, "partial")
+        try:
+            save_file(tensors, str(partial), metadata=header)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpertStats":
-        with safe_open(str(path), framework="pt") as handle:
-            header = json.loads(handle.metadata()["grape_stats"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        layers = {}
-        for index, meta in header["layers"].items():
-            values = {name: tensors.get(f"layers.{index}.{name}") for name in _TENSOR_FIELDS}
-            layers[int(index)] = LayerStats(**meta, **values)
-        return cls(layers=dict(sorted(layers.items())), metadata=header["metadata"])
+        """Read and check a statistics file (header and tensors: `validation.py`); StatsError when it
+        is not one, or was edited into an inconsistent state."""
+        header, tensors = _read(Path(path))
+        layers, metadata = parse_stats_header(header, {f.name for f in fields(LayerStats)} - set(_TENSOR_FIELDS))
+        check_stats_tensors(layers, tensors, _TENSOR_FIELDS)
+        stats = {index: LayerStats(**meta, **{name: tensors.get(f"layers.{index}.{name}") for name in _TENSOR_FIELDS})
+                 for index, meta in sorted(layers.items())}
+        return cls(layers=stats, metadata=metadata)
 
+
+def _read(path: Path) -> tuple[object, dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(HEADER_KEY)
+            if text is None:
+                raise StatsError(f"{str(path)!r} is a safetensors file without a '{HEADER_KEY}' header: not statistics "
+                                 "written by optimum-grape (ExpertStats.save / --save-stats).")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise StatsError(f"Cannot read statistics {str(path)!r}: {err}; pass a file written by ExpertStats.save "
+                         "(CLI: --save-stats).") from None
+    try:
+        return json.loads(text), tensors
+    except json.JSONDecodeError as err:
+        raise StatsError(f"The '{HEADER_KEY}' header of {str(path)!r} is not valid JSON ({err}); the file was "
+                         "edited or damaged.") from None
+
+
+def is_stats_file(path: Path) -> bool:
+    """A safetensors file with optimum-grape's statistics header."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return HEADER_KEY in (handle.metadata() or {})
+    except (SafetensorError, OSError):
+        return False

@@ -34,3 +34,14 @@ def tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(path)
     return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def base_folder(tmp_path_factory, tokenizer):
+    """A saved tiny Mixtral (4 layers x 8 experts, top-2) with a tokenizer: a CLI's BASE. Read only."""
+    from factories import tiny_model
+
+    folder = tmp_path_factory.mktemp("base") / "tiny-mixtral"
+    tiny_model("mixtral").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,7 +1,8 @@
-"""Test helpers: logits from a checkpoint computed in a fresh Python process."""
+"""Test helpers: the CLI and logits from a checkpoint, each in a fresh Python process."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PROBE = torch.arange(2 * 12).reshape(2, 12) % 90
+
+
+def run_cli(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """`python -m optimum_grape ARGS` as a user runs it (`env`: extra environment variables)."""
+    return subprocess.run([sys.executable, "-m", "optimum_grape", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def logits_in_fresh_process(folder: Path, use_plugin: bool = True) -> torch.Tensor:

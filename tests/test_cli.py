@@ -1,25 +1,8 @@
 """The CLI end to end, as a user runs it: a subprocess on a checkpoint folder."""
 
 import json
-import subprocess
-import sys
 
-import pytest
-
-from factories import tiny_model
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "optimum_grape", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("base") / "tiny-mixtral"
-    tiny_model("mixtral").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from helpers import run_cli
 
 
 def test_help_explains_the_commands():

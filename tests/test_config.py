@@ -5,7 +5,7 @@ from optimum_grape import GrapeConfig, GrapeConfigError
 
 def test_round_trip_is_exact():
     config = GrapeConfig(pruning_ratio=0.3, similarity="cosine", entropy_tolerance=0.2, dataset=["a", "b"],
-                         method_kwargs={"alpha": 2.0})
+                         method_kwargs={"gammas": [0.1, 0.3]})
     again = GrapeConfig.from_json(config.to_json_string())
     assert again.to_dict() == config.to_dict()
     assert GrapeConfig.from_dict(config.to_dict()) == config

@@ -54,9 +54,14 @@ def test_non_empty_output_folder_is_refused_unless_overwrite(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("precious")
     with pytest.raises(CheckpointError, match="overwrite=True"):
         p.save_pretrained(model, tmp_path / "out")
+    # overwrite replaces only a checkpoint optimum-grape wrote (issue 12): never an unrelated folder
+    with pytest.raises(CheckpointError, match="not a checkpoint written by optimum-grape"):
+        p.save_pretrained(model, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
-    p.save_pretrained(model, tmp_path / "out", overwrite=True)
-    assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "keep.txt").exists()
+    p.save_pretrained(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "notes.txt").write_text("replaced with the checkpoint")
+    p.save_pretrained(model, tmp_path / "ckpt", overwrite=True)
+    assert (tmp_path / "ckpt" / "config.json").exists() and not (tmp_path / "ckpt" / "notes.txt").exists()
 
 
 def test_interrupted_save_leaves_nothing_at_the_destination(tmp_path, monkeypatch):

@@ -4,6 +4,9 @@ no padding, so every recorded token is a real one."""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -12,38 +15,95 @@ import torch
 
 from ..errors import CalibrationDataError
 
+logger = logging.getLogger("optimum_grape")
+# Below this many routed tokens per expert on average, counts and similarities are noise.
+MIN_ROUTED_PER_EXPERT = 16
+
 
 def default_calibration_path() -> Path:
     return Path(str(resources.files("optimum_grape") / "data" / "calibration.txt"))
 
 
 def read_text_documents(path: str | Path) -> list[str]:
-    """Documents of a text file, separated by blank lines."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+    """Documents of a UTF-8 text file, separated by blank lines; a binary, non-UTF-8 or empty file is
+    refused."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise CalibrationDataError(f"Cannot read calibration file {str(path)!r}: {err.strerror}.") from None
+    if b"\x00" in raw[:65536]:
+        raise CalibrationDataError(f"Calibration file {str(path)!r} looks binary (it holds NUL bytes); pass a plain "
+                                   "UTF-8 text file or a saved `datasets` folder.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CalibrationDataError(
+            f"Calibration file {str(path)!r} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+            "convert it first, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`.") from None
+    documents = [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+    if not documents:
+        raise CalibrationDataError(f"Calibration file {str(path)!r} holds no text; give a file with some documents.")
+    return documents
+
+
+def check_data_type(data: Any, name: str = "Calibration data") -> None:
+    """Refuse what cannot be calibration data (a number, bytes, a dict), naming what can."""
+    if data is None or isinstance(data, (str, os.PathLike)) or hasattr(data, "column_names"):
+        return
+    if isinstance(data, (bytes, bytearray, Mapping)) or not isinstance(data, Iterable):
+        shown = repr(data) if len(repr(data)) <= 40 else repr(data)[:37] + "..."
+        raise CalibrationDataError(
+            f"{name}={shown} ({type(data).__name__}) is not calibration data; pass a local text file or saved "
+            "`datasets` folder, a list of strings, a datasets.Dataset, token-id tensors, or None for the "
+            "calibration text shipped with optimum-grape.")
 
 
 def load_calibration_data(dataset: Any) -> Any:
     """Resolve `GrapeConfig.dataset` to strings, a `datasets.Dataset` or token ids."""
+    check_data_type(dataset)
     if dataset is None:
         return read_text_documents(default_calibration_path())
-    if isinstance(dataset, (str, Path)):
+    if isinstance(dataset, (str, os.PathLike)):
         path = Path(dataset)
         if path.is_file():
             return read_text_documents(path)
         if path.is_dir():
-            import datasets
-
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                split = "train" if "train" in loaded else next(iter(loaded))
-                loaded = loaded[split]
-            return loaded
+            return _load_saved_dataset(path)
         raise CalibrationDataError(
             f"Calibration dataset {str(dataset)!r} is neither a text file nor a saved `datasets` folder; "
             "pass a local path, a list of strings, or None for the shipped calibration text (no Hub downloads)."
         )
     return dataset
+
+
+def _load_saved_dataset(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationDataError(f"{str(path)!r} is a folder: reading a saved dataset needs `pip install datasets` "
+                                   "(or pass a text file).") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as err:
+        raise CalibrationDataError(
+            f"Calibration folder {str(path)!r} is not a dataset saved with `Dataset.save_to_disk` ({err}); pass such "
+            "a folder or a text file.") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if "train" in loaded else next(iter(loaded))
+        loaded = loaded[split]
+    return loaded
+
+
+def warn_if_little_data(num_tokens: int, layers) -> None:
+    """Warn, before calibrating, when each expert would see too few routed tokens for its statistics
+    to say anything (fewer than MIN_ROUTED_PER_EXPERT on average in some layer)."""
+    per_expert = min(num_tokens * layer.top_k / layer.num_experts for layer in layers)
+    if per_expert < MIN_ROUTED_PER_EXPERT:
+        logger.warning(
+            "Calibration has only %d tokens: about %.1f routed tokens per expert (fewer than %d), so routing counts "
+            "and similarities are mostly noise and the plan close to arbitrary. Give more text (GrapeConfig.dataset / "
+            "--dataset; up to num_samples x sequence_length tokens are used).", num_tokens, per_expert,
+            MIN_ROUTED_PER_EXPERT)
 
 
 def _texts_of(data: Any) -> list[str] | None:
@@ -74,6 +134,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 def token_stream(data: Any, tokenizer=None) -> torch.Tensor:
     """All calibration tokens as one 1-D LongTensor, documents joined by the tokenizer's EOS."""
+    check_data_type(data)
     texts = _texts_of(data)
     if texts is not None:
         if tokenizer is None:

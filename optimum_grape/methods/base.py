@@ -3,6 +3,7 @@ same form, so every method can be compared under the same budget and plan format
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,33 @@ class Candidate:
     metadata: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A key a method reads from `GrapeConfig.method_kwargs`: a number (or a non-empty list of
+    numbers) in [low, high], an integer when `integer`."""
+
+    help: str
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    many: bool = False
+
+    def fits(self, v) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (not self.integer or isinstance(v, int)) and (self.low is None or v >= self.low)
+                and (self.high is None or v <= self.high))
+
+    def check(self, name: str, value) -> None:
+        ok = all(map(self.fits, value)) if self.many and isinstance(value, list) and value else \
+            not self.many and self.fits(value)
+        if not ok:
+            kind = "integer" if self.integer else "number"
+            what = f"a non-empty list of {kind}s" if self.many else ("an " if self.integer else "a ") + kind
+            low = "-inf" if self.low is None else self.low
+            high = "inf" if self.high is None else self.high
+            raise GrapeConfigError(f"method_kwargs[{name!r}]={value!r} must be {what} in [{low}, {high}]: {self.help}.")
+
+
 class PruningMethod:
     """Subclass, set the class attributes, implement `cluster`, and `register_method(...)` it."""
 
@@ -36,6 +64,17 @@ class PruningMethod:
     merges: tuple[str, ...] = ("weighted", "saliency", "drop")
     default_router: str = "representative"
     reference: str = ""
+    # The keys this method reads from GrapeConfig.method_kwargs; any other key is refused.
+    hyperparameters: dict[str, Hyperparameter] = {}
+
+    def check_kwargs(self, kwargs: dict) -> None:
+        """Refuse unknown (e.g. misspelt) keys and out-of-range values, naming the known keys."""
+        unknown = sorted(set(kwargs) - set(self.hyperparameters))
+        if unknown:
+            known = {k: h.help for k, h in sorted(self.hyperparameters.items())} or "none"
+            raise GrapeConfigError(f"method_kwargs {unknown} are not read by method {self.name!r}; its keys: {known}.")
+        for key, value in kwargs.items():
+            self.hyperparameters[key].check(key, value)
 
     def cluster(self, stats: ExpertStats, budget: int, floors: dict[int, int], allocation: str,
                 config) -> tuple[dict[int, list[list[int]]], dict]:

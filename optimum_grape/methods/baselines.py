@@ -10,7 +10,7 @@ from ..algorithms.budget import uniform_removals
 from ..algorithms.selection import (average_linkage, best_subset, count_subsets, lowest_globally, lowest_per_layer,
                                     router_guided_groups, share_of_layer)
 from ..errors import BudgetError, GrapeConfigError
-from .base import PruningMethod, keep_result
+from .base import Hyperparameter, PruningMethod, keep_result
 
 
 class _ScoreMethod(PruningMethod):
@@ -97,6 +97,8 @@ class EnumerateMethod(PruningMethod):
     allocations = ("uniform",)
     reference = "NAEE, Lu et al., ACL 2024"
     default_max_subsets = 5000
+    hyperparameters = {"max_subsets": Hyperparameter("most expert subsets scored in one layer (default 5000)", 1,
+                                                     integer=True)}
 
     def _max_subsets(self, config) -> int:
         return int(config.method_kwargs.get("max_subsets", self.default_max_subsets))

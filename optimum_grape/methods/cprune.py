@@ -19,7 +19,7 @@ import torch
 
 from ..algorithms.budget import uniform_removals
 from ..algorithms.selection import AverageLinkage
-from .base import PruningMethod
+from .base import Hyperparameter, PruningMethod
 
 DEFAULTS = {"alpha": 5.0, "gamma": 5.0, "layer_fraction": 0.5}
 
@@ -37,6 +37,9 @@ class CPruneMethod(PruningMethod):
     merges = ("affinity", "weighted", "saliency", "drop")
     default_router = "mean"
     reference = "C-Prune, arXiv 2504.07807"
+    hyperparameters = {"alpha": Hyperparameter("affinity sharpness, A = sigmoid(alpha cos)", 0.0),
+                       "gamma": Hyperparameter("merge weights softmax(gamma A)", 0.0),
+                       "layer_fraction": Hyperparameter("share of the budget spent layer by layer", 0.0, 1.0)}
 
     def params(self, config) -> dict:
         return {**DEFAULTS, **{k: v for k, v in config.method_kwargs.items() if k in DEFAULTS}}

@@ -15,7 +15,7 @@ from ..algorithms.grape import grape_global_merge, greedy_merge_to, greedy_merge
 from ..algorithms.safeguards import layer_caps, super_experts
 from ..algorithms.similarity import cost_kernel
 from ..config import AUTO
-from .base import Candidate, PruningMethod
+from .base import Candidate, Hyperparameter, PruningMethod
 
 # Gammas planned when entropy_tolerance='auto': from nearly uniform to no entropy bound at all (the
 # layer cap still applies). Each is scored end to end beside the uniform allocation.
@@ -44,6 +44,8 @@ class GrapeMethod(PruningMethod):
     default_allocation = "global"
     default_merge = "weighted"
     reference = "GRAPE, arXiv 2604.06542"
+    hyperparameters = {"gammas": Hyperparameter("gammas planned and scored when entropy_tolerance='auto'", 0.0, 1.0,
+                                                many=True)}
 
     def _inputs(self, stats, config):
         sims = {l: s.similarity for l, s in stats.layers.items()}

@@ -26,7 +26,10 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
 
 def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None = None, evaluation=None,
                  base_model: str | None = None) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+    from .adapters import get_adapter
+
+    original = getattr(get_adapter(model), "save_original_format", True)
+    model.save_pretrained(folder, safe_serialization=True, save_original_format=original)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if plan is not None:

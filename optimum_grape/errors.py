@@ -27,3 +27,7 @@ class CalibrationDataError(GrapeError, ValueError):
 
 class CheckpointError(GrapeError, OSError):
     """Saving or loading a pruned checkpoint would lose or corrupt data."""
+
+
+class RegistrationError(GrapeError, ValueError):
+    """A model family or a method is registered twice, or registered with an invalid description."""

@@ -11,6 +11,7 @@ from optimum_grape import (GrapeConfig, GrapePruner, RegistrationError, Unsuppor
                            unregister_family)
 from optimum_grape.adapters import FAMILIES, FusedExpertsAdapter, find_moe_layers, get_adapter
 from optimum_grape.adapters.routing import describe, learnt
+from optimum_grape.coverage.tiny import build_tiny, scale_like_trained
 
 
 def small_pruner(**kwargs):
@@ -103,3 +104,22 @@ def test_verification_runs_once_per_model_and_leaves_it_unchanged():
     assert routing.spec.scale == pytest.approx(2.5) and routing.choice_bias == "gate.e_score_correction_bias"
     assert find_moe_layers(model)[1][0].router is layers[0].router and learnt(layers[0]) is routing
     assert torch.equal(logits(model), before) and not model.training
+
+
+def test_methods_needing_router_logits_are_refused_before_calibration_when_the_router_reads_other_inputs():
+    model = build_tiny("gemma4")  # the router reads the residual, the experts a normed copy of it
+    scale_like_trained(model)
+    with pytest.raises(UnsupportedModelError, match="does not read the experts' input.*router_merge"):
+        small_pruner(pruning_ratio=0.25, method="router_merge").calibrate(model, [])  # [] would fail later
+
+
+def test_a_multimodal_model_has_only_its_text_decoder_pruned():
+    model = build_tiny("qwen3_vl_moe")
+    scale_like_trained(model)
+    _, layers = find_moe_layers(model)
+    assert all(layer.name.startswith("model.language_model.layers.") for layer in layers)
+    towers = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("model.language_model.")}
+    small_pruner(pruning_ratio=0.25).prune(model, random_token_batches(n=4, length=16, vocab=90))
+    assert towers and all(torch.equal(model.state_dict()[k], v) for k, v in towers.items())
+    counts = [n for n in model.config.num_local_experts_per_layer if n is not None]
+    assert sum(counts) == 6 * len(layers) and model.config.text_config.num_experts in (8, 6)

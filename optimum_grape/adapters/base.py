@@ -129,6 +129,9 @@ class MoEAdapter:
         return RoutingSpec(top_k=layer.top_k, scoring="softmax",
                            norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)))
 
+    def check_needs(self, layers: list[MoELayer], needs) -> None:
+        """Refuse, before calibration, statistics this family cannot provide (default: all can)."""
+
     def layer_floor(self, layer: MoELayer) -> int:
         """Fewest experts this layer's routing can work with."""
         return layer.top_k

@@ -119,7 +119,7 @@ def observe(model: nn.Module, layers) -> dict[int, Observation]:
             handles.append(layer.experts.register_forward_hook(on_experts(seen[layer.index]), with_kwargs=True))
         model.eval()
         try:
-            model(input_ids=sample_ids(model).to(layer.router_weight().device))
+            model(input_ids=sample_ids(model).to(model.get_input_embeddings().weight.device))
         except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError, IndexError) as error:
             raise UnsupportedModelError(
                 f"{type(model).__name__} could not run on sample tokens, which verifying its MoE layers needs "

@@ -20,6 +20,14 @@ from .base import MoELayer, RoutingSpec
 from .routing import LayerRouting, learnt, router_logits_of, verify
 
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
+ROUTER_LOGIT_NEEDS = {"router_logits", "expert_outputs"}  # statistics that include router logits on samples
+
+
+def _router_input_error(layer: MoELayer) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"The router of {layer.name!r} does not read the experts' input (a norm or a projection sits between "
+        "them), so router logits cannot be computed from calibration samples: methods that need them "
+        "(router_merge, enumerate) cannot run on this family; pick another method.")
 
 
 def _vectors(layer: MoELayer, word: str) -> list[str]:
@@ -88,11 +96,14 @@ class InferredRouting:
     def router_logits(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
         routing = self.layer_routing(layer, None)
         if not routing.same_input:
-            raise UnsupportedModelError(
-                f"The router of {layer.name!r} does not read the experts' input (a norm or a projection sits "
-                "between them), so router logits cannot be computed from calibration samples: methods that need "
-                "them (router_merge, enumerate) cannot run on this family; pick another method.")
+            raise _router_input_error(layer)
         return router_logits_of(layer, routing, hidden)
+
+    def check_needs(self, layers: list[MoELayer], needs) -> None:
+        if set(needs) & ROUTER_LOGIT_NEEDS:
+            for layer in layers:
+                if not self.layer_routing(layer, None).same_input:
+                    raise _router_input_error(layer)
 
     def prepare(self, model, layers) -> None:
         """Verify routing and experts on sample tokens once per model (refuse with the reason otherwise)."""

@@ -1,4 +1,9 @@
-"""Tiny configs from a family's OWN config class: defaults shrunk by key-name rules."""
+"""Tiny models of any family from its OWN config class: the class defaults (the published model's
+sizes), shrunk by key-name rules (hidden 32, 8 experts, top-2, 4 decoder layers that keep every
+distinct per-layer pattern, small heads, vocabulary 128 with special ids moved inside it), applied at
+every nesting level (text, vision, audio configs). `OVERRIDES` fixes the few defaults that cannot
+build a model (MoE switched off by default, values validated against each other): test-fixture
+knowledge, not pruning knowledge, which stays in `optimum_grape/adapters/`."""
 
 from __future__ import annotations
 

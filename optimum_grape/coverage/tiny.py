@@ -170,7 +170,7 @@ OVERRIDES = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
     "granitemoehybrid": {"mamba_d_head": 16, "mamba_n_groups": 1,
                          "layer_types": ["mamba", "attention", "mamba", "attention"]},
-    "nemotron_h": {"n_groups": 2, "layers_block_type": ["linear_attention", "moe", "full_attention", "moe", "mlp"]},
+    "nemotron_h": {"n_groups": 2, "moe_latent_size": 16, "layers_block_type": ["linear_attention", "moe", "full_attention", "moe", "mlp"]},
     "qwen3_omni_moe": {"talker_config.text_config.shared_expert_intermediate_size": 32,
                        "talker_config.spatial_merge_size": 2},
     "zaya": {"num_experts_per_tok": 1},

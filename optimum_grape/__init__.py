@@ -4,10 +4,10 @@ Importing this package registers the 'grape' layout with transformers, so pruned
 different expert counts per layer load with `AutoModelForCausalLM.from_pretrained`.
 """
 
-from .adapters import register_adapter, supported_model_types
+from .adapters import register_adapter, register_family, supported_model_types, unregister_family
 from .config import GrapeConfig
 from .errors import (BudgetError, CalibrationDataError, CheckpointError, GrapeConfigError, GrapeError, PlanError,
-                     StatsError, UnsupportedModelError)
+                     RegistrationError, StatsError, UnsupportedModelError)
 from .methods import list_methods, register_method
 from .modeling import GrapeModelForCausalLM
 from .plan import PruningPlan
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = ["BudgetError", "CalibrationDataError", "CheckpointError", "ExpertStats", "GrapeConfig",
            "GrapeConfigError", "GrapeError", "GrapeHfQuantizer", "GrapeModelForCausalLM", "GrapePruner", "PlanError",
-           "PruningPlan", "StatsError", "UnsupportedModelError", "list_methods", "register_adapter", "register_method",
-           "supported_model_types"]
+           "PruningPlan", "RegistrationError", "StatsError", "UnsupportedModelError", "list_methods", "register_adapter",
+           "register_family", "register_method", "supported_model_types", "unregister_family"]

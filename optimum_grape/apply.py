@@ -13,6 +13,7 @@ import logging
 import torch
 
 from .adapters import MoEAdapter, find_moe_layers
+from .adapters.fused import is_fused_experts, text_config
 from .algorithms.merging import cluster_weights, router_weights
 from .plan import PruningPlan
 from .validation import check_plan_fits
@@ -69,7 +70,7 @@ def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=N
             clusters = plan.clusters[index]
             weights = plan.merge_weights.get(index) or cluster_weights(clusters, None, "drop")
             routers = plan.router_weights.get(index) or router_weights(clusters, plan.router)
-            if merger is not None and adapter.supports_refit:
+            if merger is not None and adapter.merges_with_data(layer):
                 plan.clusters[index], plan.merge_weights[index] = merger(adapter, layer, clusters, weights, routers,
                                                                          plan.align_neurons)
                 plan.router_weights[index] = router_weights(plan.clusters[index], plan.router)
@@ -113,23 +114,30 @@ def record_layout(model, adapter: MoEAdapter, plan: PruningPlan, pruning_config=
     """Write the per-layer counts into `model.config` so that save/reload rebuilds the same shapes."""
     from .config import GrapeConfig
 
-    config = model.config
+    config, decoder_config = model.config, text_config(model.config)  # a multimodal model: its text decoder's
     counts = plan.experts_per_layer
     if pruning_config is None:
         pruning_config = GrapeConfig(method=plan.method, num_experts_to_prune=max(1, plan.num_removed))
     pruning_config.pruned_layout = layout_from_plan(plan)
     config.quantization_config = pruning_config
-    num_layers = getattr(config, "num_hidden_layers", max(counts) + 1)
+    num_layers = getattr(decoder_config, "num_hidden_layers", max(counts) + 1)
     config.num_local_experts_per_layer = [counts.get(i) for i in range(num_layers)]
     distinct = set(counts.values())
-    if len(distinct) == 1 and adapter.count_key:
+    if len(distinct) == 1 and adapter.count_key and not _experts_left_whole(model):
         # Uniform counts: the native key is enough for plain transformers to rebuild the shapes.
-        setattr(config, adapter.count_key, distinct.pop())
+        setattr(decoder_config, adapter.count_key, distinct.pop())
         overrides = plan.metadata.get("routing_overrides") or {}
         same = {json.dumps(v, sort_keys=True) for v in overrides.values()}
         if len(overrides) == len(counts) and len(same) == 1:
             for key, value in next(iter(overrides.values())).items():  # e.g. n_group=1 in every layer
-                setattr(config, key, value)
+                setattr(decoder_config, key, value)
+
+
+def _experts_left_whole(model) -> bool:
+    """Whether fused experts outside the pruned layers exist (hash-routed layers, a vision tower's):
+    they may read the same count key, which then must keep its value."""
+    pruned = {id(layer.experts) for layer in find_moe_layers(model, verify=False)[1]}
+    return any(is_fused_experts(m) and id(m) not in pruned for m in model.modules())
 
 
 def resize_to_layout(model, layout: dict) -> None:

@@ -20,7 +20,10 @@ PLAN_FILE = "grape_plan.json"
 
 def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None = None, evaluation=None,
                  base_model: str | None = None) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+    from .adapters import get_adapter
+
+    original = getattr(get_adapter(model), "save_original_format", True)
+    model.save_pretrained(folder, safe_serialization=True, save_original_format=original)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if plan is not None:

@@ -35,3 +35,7 @@ class PlanError(GrapeError, ValueError):
 
 class StatsError(GrapeError, ValueError):
     """A calibration statistics file is malformed, or was edited into an inconsistent state."""
+
+
+class RegistrationError(GrapeError, ValueError):
+    """A model family or a method is registered twice, or registered with an invalid description."""

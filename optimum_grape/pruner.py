@@ -58,6 +58,7 @@ class GrapePruner:
     def check(self, model) -> dict[int, int]:
         """Everything that can be refused from the model and config alone; returns per-layer floors."""
         adapter, layers = find_moe_layers(model)
+        adapter.check_needs(layers, self.method.needs)
         num_experts = {layer.index: layer.num_experts for layer in layers}
         floors = {layer.index: max(adapter.layer_floor(layer), self.config.min_experts_per_layer)
                   for layer in layers}

@@ -9,7 +9,7 @@
   the tokens the new router sends it, its output matches what its members contributed before
   (a fit is kept only if it lowers the error on tokens held out of the fit).
 
-Needs experts an adapter can expose (`MoEAdapter.supports_refit`); others are merged as usual.
+Needs experts an adapter can expose (`MoEAdapter.merges_with_data`); others are merged as usual.
 """
 
 from __future__ import annotations
@@ -28,54 +28,44 @@ class _Captured(Exception):
     """Raised by a capture hook to stop the forward pass once what it wanted is recorded."""
 
 
-def _capture(module, batches_fn, with_kwargs: bool, pick):
-    out = []
+def _experts_call(args, kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [N, H], top_k_index [N, k], top_k_weights [N, k]) of a call into fused experts."""
+    values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
+    hidden, index, weights = values[:3]
+    return hidden.reshape(-1, hidden.shape[-1]).detach(), index.reshape(hidden.shape[0], -1), \
+        weights.reshape(hidden.shape[0], -1).detach()
 
-    def hook(mod, args, kwargs=None):
-        out.append(pick(args, kwargs or {}))
+
+@torch.no_grad()
+def layer_inputs(model, layer: MoELayer, batches: list[torch.Tensor], max_tokens: int, seed: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the layer's experts receive on the calibration batches, through the model as it is now:
+    their inputs [N, H] (at most `max_tokens`, sampled with `seed`) and the gates [N, E] the layer's
+    own router gave them (group limits and correction biases included). Each forward stops there."""
+    device = next(model.parameters()).device
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append(_experts_call(args, kwargs))
         raise _Captured
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+    handle = layer.experts.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for call in batches_fn():
+        for batch in batches:
             try:
-                call()
+                model(input_ids=batch.to(device), use_cache=False)
             except _Captured:
                 pass
     finally:
         handle.remove()
-    return out
-
-
-@torch.no_grad()
-def layer_inputs(model, layer: MoELayer, batches: list[torch.Tensor], max_tokens: int, seed: int) -> torch.Tensor:
-    """[N, H] inputs of the sparse block on the calibration batches (at most `max_tokens`, sampled
-    with `seed`), through the model as it is now; the forward stops at the block."""
-    device = next(model.parameters()).device
-
-    def calls():
-        return [lambda b=b: model(input_ids=b.to(device), use_cache=False) for b in batches]
-
-    parts = _capture(layer.block, calls, False, lambda args, kw: args[0].reshape(-1, args[0].shape[-1]).detach())
-    hidden = torch.cat(parts)
+    hidden = torch.cat([c[0] for c in calls])
+    gates = torch.zeros(hidden.shape[0], layer.num_experts, dtype=torch.float64, device=hidden.device)
+    gates.scatter_(1, torch.cat([c[1] for c in calls]).long(), torch.cat([c[2] for c in calls]).double())
     if hidden.shape[0] > max_tokens:
         rows = torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
-        hidden = hidden[rows.sort().values.to(hidden.device)]
-    return hidden
-
-
-@torch.no_grad()
-def routing_gates(layer: MoELayer, hidden: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[N, E] gates the block's own router gives `hidden` (exactly as in the model: group limits and
-    correction biases included), read from the call into its experts."""
-    def pick(args, kwargs):
-        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
-        return values[1], values[2]
-
-    ((index, weights),) = _capture(layer.experts, lambda: [lambda: layer.block(hidden[None])], True, pick)
-    gates = torch.zeros(hidden.shape[0], num_experts, dtype=torch.float64, device=hidden.device)
-    return gates.scatter_(1, index.reshape(hidden.shape[0], -1).long(),
-                          weights.reshape(hidden.shape[0], -1).double())
+        rows = rows.sort().values.to(hidden.device)
+        hidden, gates = hidden[rows], gates[rows]
+    return hidden, gates
 
 
 def ridge_down_projection(acts: torch.Tensor, gates: torch.Tensor, target: torch.Tensor, ridge: float
@@ -100,8 +90,7 @@ class DataMerger:
 
     def __call__(self, adapter: MoEAdapter, layer: MoELayer, clusters, weights, routers, align: bool):
         """Merge `layer`; returns the clusters and merge weights actually used (re-planned or not)."""
-        x = layer_inputs(self.model, layer, self.batches, self.max_tokens, self.seed)
-        before = routing_gates(layer, x, layer.num_experts)
+        x, before = layer_inputs(self.model, layer, self.batches, self.max_tokens, self.seed)
         report = {"tokens": int(x.shape[0])}
         if self.replan is not None:
             clusters, weights, routers = self.replan(layer.index, adapter, layer, x, before)
@@ -124,7 +113,8 @@ class DataMerger:
         return out
 
     def _refit(self, adapter, layer, x, targets) -> dict:
-        after = routing_gates(layer, x, layer.num_experts)
+        # The same tokens (same seed) as they reach the merged layer: what its new router now does.
+        x, after = layer_inputs(self.model, layer, self.batches, self.max_tokens, self.seed)
         kept = 0
         for c, target in targets.items():
             rows = torch.nonzero(after[:, c] > 0).flatten()

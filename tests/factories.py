@@ -73,7 +73,7 @@ def scale_like_trained(model, seed: int = 0) -> None:
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in find_moe_layers(model)[1]:
+        for layer in find_moe_layers(model, verify=False)[1]:
             for name, tensor in layer.router.named_parameters():
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * (0.5 if tensor.dim() == 2 else 0.1))
             for name, buffer in layer.router.named_buffers():  # e_score_correction_bias

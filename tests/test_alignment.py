@@ -6,6 +6,7 @@ import torch
 
 from factories import tiny_model
 from optimum_grape.adapters import find_moe_layers
+from optimum_grape.adapters.alignment import aligned_expert_tensors, neuron_axes
 from optimum_grape.algorithms.alignment import match_neurons, paired_index
 
 
@@ -29,7 +30,7 @@ def permute_expert(layer, adapter, source: int, target: int, perm: torch.Tensor)
     experts = layer.experts
     interleaved = not getattr(experts, "is_concatenated", True)
     with torch.no_grad():
-        for name, (axis, paired) in adapter._neuron_axes(experts).items():
+        for name, (axis, paired) in neuron_axes(experts).items():
             tensor = getattr(experts, name)
             index = paired_index(perm, interleaved) if paired else perm
             tensor[target] = tensor[source].index_select(axis, index)
@@ -50,7 +51,7 @@ def test_aligned_merge_of_a_permuted_copy_is_exact(family):
     assert torch.allclose(adapter.run_experts(layer, x, [1])[0], want, atol=1e-5)  # same function
     clusters = [[0, 1]] + [[e] for e in range(2, layer.num_experts)]
     weights = [[0.5, 0.5]] + [[1.0]] * (layer.num_experts - 2)
-    aligned = adapter.aligned_expert_tensors(layer, clusters, weights)
+    aligned = aligned_expert_tensors(layer.experts, clusters, weights)
     for name, tensor in aligned.items():
         assert torch.allclose(tensor[1], getattr(layer.experts, name)[0], atol=1e-6), name
     adapter.apply_clusters(layer, clusters, weights, weights, align=True)

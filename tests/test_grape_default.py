@@ -2,6 +2,7 @@
 end-to-end choice among candidate plans, and the 'paper' preset beside it."""
 
 import itertools
+import logging
 import math
 
 import pytest
@@ -164,7 +165,9 @@ def test_default_merges_only_planted_copies_in_their_layer_and_beats_uniform():
 def test_without_a_model_the_uniform_candidate_is_used_and_said(caplog):
     model = tiny_model("mixtral")
     pruner = GrapePruner(small(pruning_ratio=0.25))
-    plan = pruner.plan(pruner.calibrate(model, random_token_batches(n=12)))
+    stats = pruner.calibrate(model, random_token_batches(n=12))
+    with caplog.at_level(logging.WARNING, logger="optimum_grape"):
+        plan = pruner.plan(stats)
     assert plan.metadata["selection"]["chosen"] == "uniform" and set(plan.experts_per_layer.values()) == {6}
     assert "not scored" in caplog.text
 
@@ -223,15 +226,16 @@ def test_keep_all_through_the_data_merger_is_the_identity():
     assert torch.equal(logits(model), before)
 
 
-def test_router_gates_read_from_the_block_match_its_top_k():
-    from optimum_grape.refine import routing_gates
+def test_layer_inputs_are_what_the_experts_receive_with_their_gates():
+    from optimum_grape.refine import layer_inputs
 
     model = tiny_model("deepseek_v3")
     layer = find_moe_layers(model)[1][0]
-    hidden = torch.randn(20, model.config.hidden_size)
-    gates = routing_gates(layer, hidden, layer.num_experts)
-    assert gates.shape == (20, layer.num_experts)
+    batches = [torch.stack(random_token_batches(n=2, length=16))]
+    hidden, gates = layer_inputs(model, layer, batches, max_tokens=20, seed=0)
+    assert hidden.shape == (20, model.config.hidden_size) and gates.shape == (20, layer.num_experts)
     assert ((gates > 0).sum(1) == layer.top_k).all()
+    assert torch.allclose(logits(model), logits(model))  # the capture hook is gone
 
 
 @pytest.mark.parametrize("options", [{"refit": True}, {"sequential": True}, {"merge": "saliency"},

@@ -36,12 +36,13 @@ def find_router_child(block: nn.Module, experts: nn.Module, num_experts: int) ->
     return None
 
 
-def set_count_attributes(modules: Iterable[nn.Module], count: int) -> None:
-    """Set every copied expert count (COUNT_ATTRIBUTES; `out_features` on Linear routers only)."""
+def set_count_attributes(modules: Iterable[nn.Module], count: int, old: int | None = None) -> None:
+    """Set every copied expert count (COUNT_ATTRIBUTES; `out_features` on Linear routers only); with
+    `old`, only attributes that held it (a block's `num_experts` may mean something else, e.g. top-k)."""
     for module in modules:
         for attr in COUNT_ATTRIBUTES:
             value = getattr(module, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool):
+            if isinstance(value, int) and not isinstance(value, bool) and old in (None, value):
                 if attr == "out_features" and not isinstance(module, nn.Linear):
                     continue
                 setattr(module, attr, count)
@@ -57,30 +58,43 @@ class MoELayer:
     experts: nn.Module
     router: nn.Module
     top_k: int
+    logits: nn.Module | None = None  # the module holding the router weight [E, H] when not `router` itself
 
     @property
     def num_experts(self) -> int:
         return int(self.router_weight().shape[0])
 
     def router_weight(self) -> torch.Tensor:
-        return self.router.weight
+        return (self.logits if self.logits is not None else self.router).weight
 
 
 @dataclass(frozen=True)
 class RoutingSpec:
-    """How a layer turns router logits into weights; enough for pure planning code to re-route."""
+    """How a layer turns router logits into weights; enough for pure planning code to re-route
+    (`algorithms.selection.top_k_routing`), and what an adapter's routing is verified against."""
 
     top_k: int
-    scoring: str = "softmax"  # "softmax" or "sigmoid"
+    scoring: str = "softmax"  # "softmax", "sigmoid" or "sqrtsoftplus"
     norm_topk_prob: bool = True
     # Group-limited routing (DeepSeek-V3 style): counts that keep grouping are multiples of n_group
     # of at least min_grouped; planning prefers those, and other counts fall back to ungrouped.
     n_group: int = 1
     min_grouped: int = 0
+    topk_group: int = 1
+    group_score: str = "top2"  # a group's score: sum of its top-2 choices ("top2", V3) or its best ("max", V2)
+    choice_on: str = "scores"  # what a correction bias is added to before top-k: "scores" or "logits"
+    scale: float = 1.0  # constant factor on the weights (routed_scaling_factor and alike)
 
     def to_dict(self) -> dict:
         return {"top_k": self.top_k, "scoring": self.scoring, "norm_topk_prob": self.norm_topk_prob,
-                "n_group": self.n_group, "min_grouped": self.min_grouped}
+                "n_group": self.n_group, "min_grouped": self.min_grouped, "topk_group": self.topk_group,
+                "group_score": self.group_score, "choice_on": self.choice_on, "scale": self.scale}
+
+    def choice_options(self, choice_bias=None) -> dict:
+        """Keyword arguments of `top_k_routing` beyond scoring, top-k and renormalisation."""
+        grouped = {"n_group": self.n_group, "topk_group": self.topk_group, "group_score": self.group_score} \
+            if self.n_group > 1 else {}
+        return {"choice_bias": choice_bias, "choice_on": self.choice_on, **grouped}
 
 
 class MoEAdapter:
@@ -95,6 +109,9 @@ class MoEAdapter:
     # How calibration observes routing: "experts_interface" (transformers' ExpertsInterface, fused
     # experts) or "hooks" (forward hooks on the router, for experts in an nn.ModuleList).
     calibration: str = "experts_interface"
+    # Save in the checkpoint's original key layout (per-expert keys, what other tools read); False when
+    # that layout cannot hold the pruned model (ERNIE-VL splits one expert list in equal halves on load).
+    save_original_format: bool = True
 
     def find_layers(self, model: nn.Module) -> list[MoELayer]:
         raise NotImplementedError
@@ -112,6 +129,9 @@ class MoEAdapter:
         return RoutingSpec(top_k=layer.top_k, scoring="softmax",
                            norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)))
 
+    def check_needs(self, layers: list[MoELayer], needs) -> None:
+        """Refuse, before calibration, statistics this family cannot provide (default: all can)."""
+
     def layer_floor(self, layer: MoELayer) -> int:
         """Fewest experts this layer's routing can work with."""
         return layer.top_k
@@ -125,7 +145,9 @@ class MoEAdapter:
         raise NotImplementedError
 
     # Merging with calibration data (refine.py): activation-aware alignment and least-squares refits.
-    supports_refit = False
+    def merges_with_data(self, layer: MoELayer) -> bool:
+        """Whether `expert_activations` / `set_down_projection` describe this layer's experts exactly."""
+        return False
 
     def expert_activations(self, layer: MoELayer, hidden: torch.Tensor, e: int) -> torch.Tensor:
         """[T, I]: the intermediate activations of expert e on `hidden`."""

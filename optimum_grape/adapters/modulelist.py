@@ -30,9 +30,11 @@ COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_e
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k", "moe_top_k")
 
 
-def native_count_key(config) -> str | None:
-    """The config key that holds the number of experts, for families found by structure."""
-    return next((key for key in COUNT_KEYS if isinstance(getattr(config, key, None), int)), None)
+def native_count_key(config, num_experts: int | None = None) -> str | None:
+    """The config key that holds the number of experts (equal to `num_experts` when given), for
+    families found by structure."""
+    return next((key for key in COUNT_KEYS if isinstance(getattr(config, key, None), int)
+                 and num_experts in (None, getattr(config, key))), None)
 
 
 def is_expert_list(module: nn.Module) -> bool:

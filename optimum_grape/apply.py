@@ -14,7 +14,7 @@ import torch
 
 from .adapters import MoEAdapter, find_moe_layers
 from .adapters.fused import is_fused_experts, text_config
-from .algorithms.merging import cluster_weights, router_weights
+from .algorithms.merging import router_weights
 from .plan import PruningPlan
 from .validation import check_plan_fits
 
@@ -68,8 +68,7 @@ def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=N
     try:
         for index, layer in sorted(targets.items()):
             clusters = plan.clusters[index]
-            weights = plan.merge_weights.get(index) or cluster_weights(clusters, None, "drop")
-            routers = plan.router_weights.get(index) or router_weights(clusters, plan.router)
+            weights, routers = plan.merge_weights_of(index), plan.router_weights_of(index)
             if merger is not None and adapter.merges_with_data(layer):
                 plan.clusters[index], plan.merge_weights[index] = merger(adapter, layer, clusters, weights, routers,
                                                                          plan.align_neurons)
@@ -122,6 +121,8 @@ def record_layout(model, adapter: MoEAdapter, plan: PruningPlan, pruning_config=
     config.quantization_config = pruning_config
     num_layers = getattr(decoder_config, "num_hidden_layers", max(counts) + 1)
     config.num_local_experts_per_layer = [counts.get(i) for i in range(num_layers)]
+    if plan.metadata.get("routing_overrides"):  # carried outside quantization_config too (carrier.py)
+        config.grape_routing_overrides = plan.metadata["routing_overrides"]
     distinct = set(counts.values())
     if len(distinct) == 1 and adapter.count_key and not _experts_left_whole(model):
         # Uniform counts: the native key is enough for plain transformers to rebuild the shapes.

@@ -1,83 +1,199 @@
-"""The generated model card (README.md) of a pruned checkpoint: YAML metadata for the Hub, the
-experts per layer before and after, every hyperparameter, the calibration data, measured
-perplexities if any, and how to load it."""
+"""The generated model card (README.md) of a pruned checkpoint, rendered from the Jinja template
+`optimum_grape/model_cards/grape_pruned.md` through `huggingface_hub.ModelCard.from_template`.
+
+Everything the card shows is read back from the folder (`config.json`, `grape_plan.json`, and
+`grape_card.json`: base model, license, measured perplexities and accuracies), so the card can be
+re-rendered without the model, e.g. after `optimum-grape eval` adds accuracies. The plot of
+experts per layer (and each layer's redundancy, when the plan measured it) is saved beside it.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from importlib import resources
+from pathlib import Path
 
 from .plan import PruningPlan
 
-
-def _metadata(model, plan: PruningPlan | None, evaluation: dict, base_model: str | None) -> str:
-    from huggingface_hub import EvalResult, ModelCardData
-
-    tags = ["moe", "pruning", "grape", "optimum-grape", model.config.model_type]
-    if plan is not None:
-        tags.append(f"method-{plan.method}")
-    # A model-index entry per measured metric, so the Hub shows the pruned model's scores.
-    results = [EvalResult(task_type="text-generation", dataset_type=values.get("dataset", name),
-                          dataset_name=values.get("dataset", name), metric_type="perplexity",
-                          metric_value=round(values["after"], 4))
-               for name, values in evaluation.items()]
-    data = ModelCardData(library_name="transformers", base_model=base_model, tags=tags, pipeline_tag="text-generation",
-                         model_name=f"{model.config.model_type}-grape-pruned" if results else None,
-                         eval_results=results or None)
-    return data.to_yaml()
+logger = logging.getLogger("optimum_grape")
+CARD_INPUTS = "grape_card.json"
+PLOT_FILE = "experts_per_layer.png"
+# The Hub knows adapter / merge / quantized / finetune; "merge" means combining several models and
+# "quantized" changing number formats, so a pruned copy of ONE base is a (training-free) finetune.
+BASE_MODEL_RELATION = "finetune"
 
 
-def _layer_table(plan: PruningPlan) -> str:
-    rows = ["| decoder layer | experts before | experts after | merged clusters |", "|---|---|---|---|"]
+def template_path() -> Path:
+    return Path(str(resources.files("optimum_grape") / "model_cards" / "grape_pruned.md"))
+
+
+def read_inputs(folder) -> dict:
+    path = Path(folder) / CARD_INPUTS
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def write_inputs(folder, inputs: dict) -> None:
+    (Path(folder) / CARD_INPUTS).write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def base_license(base) -> dict:
+    """license / license_name / license_link from the base model's own card: a local folder's
+    README.md, or the README of a Hub id already in the local cache (never downloaded)."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    if base is None:
+        return {}
+    if Path(str(base)).exists():
+        readme = Path(str(base)) / "README.md"
+    else:
+        cached = try_to_load_from_cache(str(base), "README.md") if str(base).count("/") == 1 else None
+        readme = Path(cached) if isinstance(cached, str) else None
+    if readme is None or not readme.is_file():
+        return {}
+    data = ModelCard.load(readme, ignore_metadata_errors=True).data
+    return {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k, None)}
+
+
+def _eval_results(inputs: dict, model_type: str):
+    from huggingface_hub import EvalResult
+
+    results = [EvalResult(task_type="text-generation", dataset_type=v.get("dataset", name),
+                          dataset_name=v.get("dataset", name), metric_type="perplexity",
+                          metric_value=round(v["after"], 4))
+               for name, v in inputs.get("evaluation", {}).items()]
+    for key, v in inputs.get("accuracy", {}).items():
+        results.append(EvalResult(task_type="text-generation", dataset_type=v.get("dataset", key),
+                                  dataset_name=v.get("dataset_name", key), metric_type=v.get("metric", "acc"),
+                                  metric_value=round(v["value"], 4),
+                                  metric_name=f"{v.get('metric', 'acc')} (0-shot, lm-eval)"))
+    return results
+
+
+def card_data(config: dict, plan: PruningPlan | None, inputs: dict):
+    from huggingface_hub import ModelCardData
+
+    model_type = config.get("model_type", "moe")
+    tags = ["moe", "pruning", "grape", "optimum-grape", model_type] + ([f"method-{plan.method}"] if plan else [])
+    results = _eval_results(inputs, model_type)
+    base = inputs.get("base_model")
+    return ModelCardData(library_name="transformers", base_model=base, tags=tags, pipeline_tag="text-generation",
+                         model_name=f"{model_type}-grape-pruned" if results else None, eval_results=results or None,
+                         base_model_relation=BASE_MODEL_RELATION if base else None, **inputs.get("license", {}))
+
+
+def _plan_vars(plan: PruningPlan, config: dict) -> dict:
+    meta = plan.metadata
+    redundancy = meta.get("layer_redundancy") if isinstance(meta.get("layer_redundancy"), dict) else {}
+    before, after = sum(plan.num_experts_before.values()), sum(plan.experts_per_layer.values())
+    layers = []
     for layer, clusters in sorted(plan.clusters.items()):
         merged = [c for c in clusters if len(c) > 1]
-        shown = ", ".join("{" + ", ".join(map(str, c)) + "}" for c in merged) or "none"
-        rows.append(f"| {layer} | {plan.num_experts_before[layer]} | {len(clusters)} | {shown} |")
-    return "\n".join(rows)
+        r = redundancy.get(str(layer), redundancy.get(layer))
+        layers.append({"layer": layer, "before": plan.num_experts_before[layer], "after": len(clusters),
+                       "redundancy": "" if r is None else f"{r:.4f}",
+                       "merged": ", ".join("{" + ", ".join(map(str, c)) + "}" for c in merged) or "none"})
+    candidates = meta.get("candidates")
+    chosen = meta["selection"].get("chosen") if isinstance(meta.get("selection"), dict) else None
+    rows = []
+    if isinstance(candidates, list) and all(isinstance(c, dict) for c in candidates):
+        rows = [{"name": c.get("name", "?"), "experts_per_layer": c.get("experts_per_layer", "?"),
+                 "score": "" if c.get("score") is None else f"{c['score']:.5f}", "chosen": c.get("name") == chosen}
+                for c in candidates]
+    # Metadata is free-form: a hand-edited plan may hold anything where a dict is expected.
+    selection = meta.get("selection") if isinstance(meta.get("selection"), dict) else {}
+    calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
+    return {"method": plan.method, "allocation": meta.get("allocation", "?"), "merge": meta.get("merge", "?"),
+            "router": plan.router, "before": before, "removed": before - after,
+            "removed_pct": f"{(before - after) / before:.1%}", "layers": layers, "has_redundancy": bool(redundancy),
+            "similarity": meta.get("similarity") or calibration.get("similarity") or "?",
+            "routing_overrides": json.dumps(meta.get("routing_overrides")) if meta.get("routing_overrides") else "",
+            "candidates": rows, "selection_metric": selection.get("metric"),
+            "selection_tokens": selection.get("tokens"), "not_scored_because": selection.get("not_scored_because"),
+            "calibration_sequences": calibration.get("num_sequences", "?"),
+            "calibration_tokens": calibration.get("num_tokens", "?")}
 
 
-def render_model_card(model, plan: PruningPlan | None, evaluation: dict, base_model: str | None = None) -> str:
-    quant = getattr(model.config, "quantization_config", None)
-    hyper = quant.to_dict() if hasattr(quant, "to_dict") else dict(quant or {})
-    hyper.pop("pruned_layout", None)
-    uniform = plan is not None and len(set(plan.experts_per_layer.values())) == 1
-    lines = ["---", _metadata(model, plan, evaluation, base_model).strip(), "---", "",
-             f"# {model.config.model_type} with experts pruned by optimum-grape", ""]
-    if plan is not None:
-        before, after = sum(plan.num_experts_before.values()), sum(plan.experts_per_layer.values())
-        lines += [f"Method **{plan.method}** ({plan.metadata.get('allocation', '?')} allocation, "
-                  f"merge: {plan.metadata.get('merge', '?')}, router rows: {plan.router}) removed "
-                  f"{before - after} of {before} routed experts ({(before - after) / before:.1%}). Shared experts, "
-                  "dense layers and attention are untouched.", ""]
-        if base_model:
-            lines += [f"Base model: `{base_model}`.", ""]
-        lines += ["## Experts per layer", "", _layer_table(plan), ""]
-        overrides = plan.metadata.get("routing_overrides") or {}
-        if overrides:
-            lines += ["Routing changes: " + json.dumps(overrides), ""]
-        calib = plan.metadata.get("calibration")
-        calib = calib if isinstance(calib, dict) else {}  # metadata is free-form: a hand-edited plan may hold anything
-        lines += ["## Calibration", "",
-                  f"{calib.get('num_sequences', '?')} sequences, {calib.get('num_tokens', '?')} tokens "
-                  f"(dataset: `{hyper.get('dataset') or 'optimum-grape shipped calibration text'}`).", ""]
-    if evaluation:
-        lines += ["## Evaluation", "", "| metric | before | after | ratio |", "|---|---|---|---|"]
-        for name, values in evaluation.items():
-            ratio = values["after"] / values["before"] if values.get("before") else float("nan")
-            lines.append(f"| {name} | {values['before']:.3f} | {values['after']:.3f} | {ratio:.3f} |")
-        lines += ["", f"Measured by optimum-grape: {evaluation[next(iter(evaluation))].get('how', '')}", ""]
-    lines += ["## Hyperparameters", "", "```json", json.dumps(hyper, indent=2, sort_keys=True), "```", "",
-              "## How to load", "", "```python",
-              "import optimum_grape  # registers the 'grape' layout with transformers",
-              "from transformers import AutoModelForCausalLM",
-              "model = AutoModelForCausalLM.from_pretrained(\"path/or/repo\")", "```", ""]
-    if uniform:
-        lines += ["Every MoE layer keeps the same number of experts, so this checkpoint also loads with plain "
-                  "transformers and no plugin.", ""]
-    else:
-        lines += ["Layers keep different numbers of experts: `import optimum_grape` before loading is required. "
-                  "Without it transformers warns `Unknown quantization type, got grape` and fails with a size "
-                  "mismatch; with `ignore_mismatched_sizes=True` it would silently re-initialise routers and experts, "
-                  "so never use that flag here.", ""]
-    lines += ["Fine-tuning: `output_router_logits=True` adds a load-balancing loss that assumes equal expert counts "
-              "per layer and fails on non-uniform layouts; keep it off or use uniform allocation.", ""]
-    return "\n".join(lines)
+def save_plot(plan: PruningPlan, path: Path) -> bool:
+    """Bars: experts before and after per layer; line: each layer's redundancy when the plan has it.
+    Needs matplotlib (`pip install optimum-grape[plots]`); without it the card has no picture."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: the model card has no experts-per-layer plot "
+                    "(pip install optimum-grape[plots]).")
+        return False
+    layers = sorted(plan.clusters)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * len(layers) + 2), 3.6), dpi=100)
+    ax.bar(layers, [plan.num_experts_before[l] for l in layers], color="#d9d9d9", label="before")
+    ax.bar(layers, [plan.experts_per_layer[l] for l in layers], color="#3b75af", label="after")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("routed experts")
+    handles, labels = ax.get_legend_handles_labels()
+    redundancy = plan.metadata.get("layer_redundancy") or {}
+    if redundancy:
+        twin = ax.twinx()
+        twin.plot(layers, [redundancy.get(str(l), float("nan")) for l in layers], "o-", color="#c44e52",
+                  label="redundancy")
+        twin.set_ylabel("redundancy (mean pairwise similarity)")
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8, frameon=False)
+    ax.set_title(f"{plan.method}: experts kept per layer")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def render_model_card(folder, repo_or_path: str | None = None) -> str:
+    """The card of the checkpoint in `folder` (config.json, and grape_plan.json / grape_card.json if
+    present); writes the plot into `folder` as a side effect."""
+    from huggingface_hub import ModelCard
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    plan_file = folder / "grape_plan.json"
+    plan = PruningPlan.from_json(plan_file.read_text(encoding="utf-8")) if plan_file.exists() else None
+    inputs = read_inputs(folder)
+    quant = dict(config.get("quantization_config") or {})
+    quant.pop("pruned_layout", None)
+    counts = [c for c in config.get("num_local_experts_per_layer") or [] if c is not None]
+    evaluation = inputs.get("evaluation", {})
+    accuracy = inputs.get("accuracy", {})
+    variables = {
+        "title": f"{config.get('model_type', 'MoE')} with experts pruned by optimum-grape",
+        "plan": _plan_vars(plan, config) if plan else None,
+        "plot": PLOT_FILE if plan and save_plot(plan, folder / PLOT_FILE) else None,
+        "license": (inputs.get("license") or {}).get("license"),
+        "dataset": quant.get("dataset") or "optimum-grape shipped calibration text",
+        "perplexity": [{"name": n, "before": f"{v['before']:.3f}", "after": f"{v['after']:.3f}",
+                        "ratio": f"{v.get('ratio', v['after'] / v['before']):.3f}"} for n, v in evaluation.items()],
+        "perplexity_how": next(iter(evaluation.values()), {}).get("how", ""),
+        "accuracy": [{"task": v.get("task", t), "metric": v.get("metric", "acc"), "value": f"{v['value']:.4f}",
+                      "stderr": "" if v.get("stderr") is None else f"{v['stderr']:.4f}", "n": v.get("n", "")}
+                     for t, v in accuracy.items()],
+        "accuracy_how": next(iter(accuracy.values()), {}).get("how", ""),
+        "hyperparameters": json.dumps(quant, indent=2, sort_keys=True),
+        "uniform": len(set(counts)) <= 1,
+        "repo_or_path": repo_or_path or inputs.get("repo_id") or "path/or/repo",
+    }
+    data = card_data(config, plan, inputs)
+    return str(ModelCard.from_template(data, template_path=str(template_path()), **variables))
+
+
+def write_model_card(folder, repo_or_path: str | None = None) -> Path:
+    path = Path(folder) / "README.md"
+    path.write_text(render_model_card(folder, repo_or_path), encoding="utf-8")
+    return path
+
+
+def set_repo_id(folder, repo_id: str) -> None:
+    """Name the Hub repository in a card's "How to load" (before pushing, or in a dry run)."""
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        write_inputs(folder, {**read_inputs(folder), "repo_id": repo_id})
+        write_model_card(folder)

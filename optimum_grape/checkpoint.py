@@ -1,5 +1,5 @@
 """Writing a pruned model as a Hub-ready folder (weights, config with per-layer counts, plan,
-model card, SHA-256 manifest), atomically, and uploading that folder."""
+model card and its inputs, plot, SHA-256 manifest), atomically, and uploading that folder."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .card import render_model_card
+from .card import base_license, set_repo_id, write_inputs, write_model_card
 from .destinations import check_destination, make_staging_folder, staging_path
 from .errors import CheckpointError
 from .manifest import write_manifest
@@ -28,7 +28,10 @@ def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None =
         tokenizer.save_pretrained(folder)
     if plan is not None:
         (folder / PLAN_FILE).write_text(plan.to_json(), encoding="utf-8")
-    (folder / "README.md").write_text(render_model_card(model, plan, evaluation or {}, base_model), encoding="utf-8")
+    source = getattr(model, "name_or_path", None) or base_model  # the base's own card gives the license
+    write_inputs(folder, {"base_model": base_model, "license": base_license(source or None),
+                          "evaluation": evaluation or {}})
+    write_model_card(folder)
 
 
 def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None, overwrite: bool = False,
@@ -63,6 +66,7 @@ def push_folder(folder, repo_id: str, private=None, token=None, api=None):
     from huggingface_hub import HfApi
 
     folder = Path(folder)
+    set_repo_id(folder, repo_id)
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload GRAPE-pruned model",

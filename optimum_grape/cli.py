@@ -1,10 +1,16 @@
-"""`optimum-grape`: prune an MoE checkpoint from the command line, or inspect a pruned one.
+"""`optimum-grape`: prune an MoE checkpoint from the command line, inspect a pruned one, score it
+with lm-evaluation-harness, or publish pruned variants.
 
     optimum-grape prune default --output pruned --ratio 0.25 --evaluate
     optimum-grape prune ./Mixtral-8x7B --output ./mixtral-grape-25 --ratio 0.25 --dataset calib.txt
     optimum-grape inspect ./mixtral-grape-25
     optimum-grape inspect --verify ./mixtral-grape-25
     optimum-grape methods
+    optimum-grape eval ./mixtral-grape-25 --tasks hellaswag,piqa
+    optimum-grape publish default --methods grape,frequency --ratios 0.25 --repo-prefix me/tiny --dry-run out/
+
+Each command is one entry of COMMANDS (its arguments and its function), which `optimum-cli grape`
+reuses (optimum/commands/register/grape.py).
 
 Arguments are read and checked by `inputs.py` and `destinations.py` before the model loads; every
 GrapeError becomes a one-line message and exit status 2.
@@ -16,16 +22,10 @@ import argparse
 import json
 import logging
 import sys
-import time
-from importlib import resources
 from pathlib import Path
 
 from .errors import CheckpointError, GrapeError
-from .inputs import DEFAULT_MODEL, default_model_path  # noqa: F401 (default_model_path: public here too)
-
-
-def heldout_paths() -> list[Path]:
-    return sorted(Path(str(resources.files("optimum_grape") / "data" / "heldout")).glob("*.txt"))
+from .loading import DEFAULT_MODEL, default_model_path, heldout_paths  # noqa: F401 (public here since 0.1)
 
 
 def _config_from_args(args):
@@ -63,27 +63,17 @@ def _gamma(value: str | None):
     return value if value is None or value == "auto" else _number("--entropy-tolerance", value)
 
 
-def _evaluate(model, tokenizer, max_tokens: int, window: int) -> dict[str, float]:
-    from .evaluation import perplexity, text_token_ids
-
-    scores = {}
-    for path in heldout_paths():
-        ids = text_token_ids(tokenizer, path.read_text(encoding="utf-8"))[:max_tokens]
-        scores[path.stem] = perplexity(model, ids, window=window)
-    return scores
-
-
 def cmd_prune(args) -> int:
-    import torch
-
     from .calibration import load_calibration_data
     from .checkpoint import push_folder
     from .config import GrapeConfig
     from .destinations import check_destination, check_stats_destination
-    from .evaluation import count_parameters, folder_bytes
-    from .inputs import check_eval_tokens, load_base, read_plan_file, read_stats_file, resolve_base
+    from .inputs import check_eval_tokens, read_plan_file, read_stats_file
+    from .jobs import run_prune_job
     from .pruner import GrapePruner
 
+    if args.ratio is None and args.num_experts_to_prune is None:
+        args.ratio = 0.25
     # Everything that can be refused is checked before the model is loaded; nothing a job reads is
     # ever a path it writes.
     output = Path(args.output)
@@ -100,48 +90,31 @@ def cmd_prune(args) -> int:
     if plan is not None:
         pruner = GrapePruner(GrapeConfig(method=plan.method, num_experts_to_prune=max(1, plan.num_removed),
                                          allocation=plan.metadata.get("allocation"), merge=plan.metadata.get("merge"),
-                                         router=plan.router, align_neurons=plan.align_neurons))
+                                         router=plan.router, align_neurons=plan.align_neurons, seed=args.seed))
     else:
         pruner = GrapePruner(_config_from_args(args))
-    data = load_calibration_data(pruner.config.dataset) if plan is None and stats is None else None
-    base = resolve_base(args.base)
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_base(base, args.trust_remote_code)
-    params_before = count_parameters(model)
-    bytes_before = folder_bytes(base) if Path(base).is_dir() else None
-    before = _evaluate(model, tokenizer, args.eval_tokens, args.sequence_length) if args.evaluate else {}
-    start = time.perf_counter()
-    if plan is None:
-        if stats is None:
-            stats = pruner.calibrate(model, data, tokenizer)
-            if args.save_stats:
-                stats.save(args.save_stats)
-        plan = pruner.plan(stats, model)  # scores GRAPE's candidate plans on held-aside calibration text
-    pruner.apply(model, plan, check_model=not args.force_plan)
-    elapsed = time.perf_counter() - start
-    after = _evaluate(model, tokenizer, args.eval_tokens, args.sequence_length) if args.evaluate else {}
-    how = f"perplexity on the first {args.eval_tokens} tokens of each held-out file, windows of {args.sequence_length}"
-    pruner.evaluation = {f"perplexity ({d})": {"before": before[d], "after": after[d], "how": how,
-                                               "dataset": f"optimum-grape held-out {d}"} for d in before}
-    pruner.save_pretrained(model, output, tokenizer, overwrite=args.overwrite,
-                           base_model=args.base_model or (None if Path(args.base).exists() or args.base == DEFAULT_MODEL
-                                                          else args.base))
+    data = load_calibration_data(pruner.config.dataset) if plan is None else None  # checked before loading
+    report = run_prune_job(args.base, output, pruner, plan=plan, stats=stats, data=data, evaluate=args.evaluate,
+                           eval_tokens=args.eval_tokens, window=args.sequence_length, base_model=args.base_model,
+                           overwrite=args.overwrite, save_stats=args.save_stats,
+                           trust_remote_code=args.trust_remote_code, check_model=not args.force_plan)
+    plan = report.plan
     print(plan.summary())
     print(f"experts per layer: {json.dumps({str(k): v for k, v in plan.experts_per_layer.items()})}")
     for layer, clusters in plan.clusters.items():
         merged = [c for c in clusters if len(c) > 1]
         print(f"  layer {layer}: {plan.num_experts_before[layer]} -> {len(clusters)}" +
               (f"  merged {merged}" if merged else ""))
-    params_after = count_parameters(model)
+    (params_before, params_after) = report.params
     print(f"parameters: {params_before:,} -> {params_after:,} ({params_after / params_before:.3f}x)")
-    if bytes_before:
-        bytes_after = folder_bytes(output)
+    if report.bytes:
+        bytes_before, bytes_after = report.bytes
         print(f"weights on disk: {bytes_before / 1e6:.2f} MB -> {bytes_after / 1e6:.2f} MB "
               f"({bytes_after / bytes_before:.3f}x)")
-    for domain in before:
-        print(f"held-out perplexity [{domain}]: {before[domain]:.2f} -> {after[domain]:.2f} "
-              f"({after[domain] / before[domain]:.3f}x)")
-    print(f"pruning took {elapsed:.1f}s; wrote {output} (model card: {output / 'README.md'})")
+    for domain, before in report.before.items():
+        print(f"held-out perplexity [{domain}]: {before:.2f} -> {report.after[domain]:.2f} "
+              f"({report.comparison['ratios'][domain]:.3f}x)")
+    print(f"pruning took {report.seconds:.1f}s; wrote {output} (model card: {output / 'README.md'})")
     if args.push_to_hub:
         push_folder(output, args.push_to_hub)  # the folder just written: no second serialisation
         print(f"pushed to https://huggingface.co/{args.push_to_hub}")
@@ -197,15 +170,9 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="optimum-grape",
-        description="Remove redundant experts from a Mixture-of-Experts model (GRAPE, C-Prune and baselines) "
-                    "and save a checkpoint that loads with transformers.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    prune = sub.add_parser("prune", help="calibrate, plan, merge and save a pruned model",
-                           description="Prune BASE (a local model folder or Hub id already in the cache, or "
-                                       "'default' for the small Mixtral shipped with optimum-grape).")
+def add_prune_arguments(prune: argparse.ArgumentParser) -> None:
+    prune.description = ("Prune BASE (a local model folder or Hub id already in the cache, or 'default' for the small "
+                         "Mixtral shipped with optimum-grape).")
     prune.add_argument("base", help="model folder, cached Hub id, or 'default'")
     prune.add_argument("--output", "-o", required=True, help="folder to write (must not exist or be empty)")
     budget = prune.add_mutually_exclusive_group()
@@ -268,29 +235,80 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Hub id of the base model, for the card's base_model (default: BASE if it is not a "
                             "local folder)")
     prune.add_argument("--trust-remote-code", action="store_true")
-    prune.set_defaults(func=cmd_prune)
-    inspect = sub.add_parser("inspect", help="show the MoE layout of a pruned checkpoint")
-    inspect.add_argument("path")
-    inspect.add_argument("--verify", action="store_true",
-                         help="check every weight file against the SHA-256 in grape_manifest.json: exit 1 and name "
-                              "each file that differs")
-    inspect.set_defaults(func=cmd_inspect)
-    methods = sub.add_parser("methods", help="list the registered pruning methods")
-    methods.set_defaults(func=cmd_methods)
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="folder of a checkpoint written by optimum-grape")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every weight file against the SHA-256 in grape_manifest.json: exit 1 and name "
+                             "each file that differs")
+
+
+def add_methods_arguments(parser: argparse.ArgumentParser) -> None:
+    """`methods` takes no arguments."""
+
+
+def _eval(args) -> int:
+    from .lm_eval_tasks import cmd_eval
+
+    return cmd_eval(args)
+
+
+def _publish(args) -> int:
+    from .publish import cmd_publish
+
+    return cmd_publish(args)
+
+
+def _add_eval(parser):
+    from .lm_eval_tasks import add_eval_arguments
+
+    add_eval_arguments(parser)
+
+
+def _add_publish(parser):
+    from .publish import add_publish_arguments
+
+    add_publish_arguments(parser)
+
+
+# name -> (help, add_arguments, run): the one list both `optimum-grape` and `optimum-cli grape` build from.
+COMMANDS = {
+    "prune": ("calibrate, plan, merge and save a pruned model", add_prune_arguments, cmd_prune),
+    "inspect": ("show the MoE layout of a pruned checkpoint", add_inspect_arguments, cmd_inspect),
+    "methods": ("list the registered pruning methods", add_methods_arguments, cmd_methods),
+    "eval": ("zero-shot accuracy with lm-evaluation-harness on local task data; written into the model card",
+             _add_eval, _eval),
+    "publish": ("prune, evaluate and upload variants (methods x ratios), refusing those over a perplexity ratio",
+                _add_publish, _publish),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimum-grape",
+        description="Remove redundant experts from a Mixture-of-Experts model (GRAPE, C-Prune and baselines) "
+                    "and save a checkpoint that loads with transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(func=run)
     return parser
+
+
+def run_command(run, args, prog: str = "optimum-grape") -> int:
+    """Run one command; a GrapeError becomes a one-line message and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except GrapeError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "ratio", None) is None and getattr(args, "num_experts_to_prune", None) is None \
-            and args.command == "prune":
-        args.ratio = 0.25
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return args.func(args)
-    except GrapeError as err:
-        print(f"optimum-grape: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

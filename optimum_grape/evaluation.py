@@ -1,6 +1,7 @@
 """Measuring a model before and after pruning, offline: perplexity (token-weighted, fixed
-non-overlapping windows, from the model's own loss; `evaluate.load("perplexity")` needs the Hub)
-and size figures."""
+non-overlapping windows, from the model's own loss; `evaluate.load("perplexity")` needs the Hub),
+the pruned-vs-unpruned comparison, and size figures. The `evaluate` modules in `metrics/` wrap
+these functions, so `evaluate.load(<module path>)` gives exactly what the CLI reports."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 
 
 @torch.no_grad()
-def perplexity(model, token_ids: torch.Tensor, window: int = 256, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of `token_ids` (1-D), every predicted
-    token weighted equally; a final partial window is scored too."""
+def negative_log_likelihood(model, token_ids: torch.Tensor, window: int = 256, batch_size: int = 8) -> tuple[float, int]:
+    """(summed next-token NLL, number of predicted tokens) over non-overlapping windows of
+    `token_ids` (1-D); a final partial window is scored too."""
     ids = torch.as_tensor(token_ids).flatten()
     if ids.numel() < 2:
         raise ValueError(f"Perplexity needs at least 2 tokens, got {ids.numel()}.")
@@ -36,7 +37,41 @@ def perplexity(model, token_ids: torch.Tensor, window: int = 256, batch_size: in
                 total_tokens += batch[:, 1:].numel()
     finally:
         model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    return total_nll, total_tokens
+
+
+def perplexity(model, token_ids: torch.Tensor, window: int = 256, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows, every predicted token weighted equally."""
+    nll, tokens = negative_log_likelihood(model, token_ids, window, batch_size)
+    return math.exp(nll / tokens)
+
+
+def text_perplexities(model, tokenizer, texts, window: int = 256, max_tokens: int | None = None,
+                      batch_size: int = 8) -> dict:
+    """Perplexity of each text (its first `max_tokens` tokens) and of all of them together
+    (token-weighted). What `optimum-grape prune --evaluate` reports and the `grape_perplexity`
+    evaluate module returns."""
+    nlls, counts = [], []
+    for text in texts:
+        ids = text_token_ids(tokenizer, text)
+        nll, tokens = negative_log_likelihood(model, ids[:max_tokens] if max_tokens else ids, window, batch_size)
+        nlls.append(nll)
+        counts.append(tokens)
+    return {"perplexities": [math.exp(n / c) for n, c in zip(nlls, counts)],
+            "perplexity": math.exp(sum(nlls) / sum(counts)), "num_tokens": counts}
+
+
+def compare_perplexities(pruned, unpruned, max_ratio: float | None = None) -> dict:
+    """Pruned against unpruned perplexities, item by item: each ratio, the worst one, their geometric
+    mean, and (given `max_ratio`) whether every ratio stays within it. The `grape_comparison` module."""
+    if len(pruned) != len(unpruned) or not pruned:
+        raise ValueError(f"Need as many pruned as unpruned perplexities (>= 1), got {len(pruned)} and {len(unpruned)}.")
+    ratios = [float(p) / float(u) for p, u in zip(pruned, unpruned)]
+    out = {"ratios": ratios, "max_ratio": max(ratios),
+           "mean_ratio": math.exp(sum(math.log(r) for r in ratios) / len(ratios))}
+    if max_ratio is not None:
+        out["within_threshold"] = out["max_ratio"] <= max_ratio
+    return out
 
 
 def _same_length_groups(windows: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -38,6 +38,18 @@ class PruningPlan:
         normalise_plan(self)
         check_plan(self)
 
+    def merge_weights_of(self, layer: int) -> list[list[float]]:
+        """The layer's merge weights; a layer left out keeps each cluster's representative."""
+        from .algorithms.merging import cluster_weights
+
+        return self.merge_weights.get(layer) or cluster_weights(self.clusters[layer], None, "drop")
+
+    def router_weights_of(self, layer: int) -> list[list[float]]:
+        """The layer's router-row weights; a layer left out follows the plan's `router` rule."""
+        from .algorithms.merging import router_weights
+
+        return self.router_weights.get(layer) or router_weights(self.clusters[layer], self.router)
+
     @property
     def experts_per_layer(self) -> dict[int, int]:
         return {layer: len(c) for layer, c in sorted(self.clusters.items())}
@@ -65,8 +77,9 @@ class PruningPlan:
             "num_experts_before": {str(k): v for k, v in sorted(self.num_experts_before.items())},
             "experts_per_layer": {str(k): v for k, v in self.experts_per_layer.items()},
             "clusters": {str(k): v for k, v in sorted(self.clusters.items())},
-            "merge_weights": {str(k): v for k, v in sorted(self.merge_weights.items())},
-            "router_weights": {str(k): v for k, v in sorted(self.router_weights.items())},
+            # Written for every layer, defaults included, so that the file says exactly what is applied.
+            "merge_weights": {str(k): self.merge_weights_of(k) for k in sorted(self.clusters)},
+            "router_weights": {str(k): self.router_weights_of(k) for k in sorted(self.clusters)},
             "metadata": self.metadata,
             "model_fingerprint": self.model_fingerprint,
         }

@@ -67,6 +67,18 @@ class GrapePruner:
         return floors
 
     # -- 1. measure -------------------------------------------------------------------------------
+    def prepare_data(self, data=None, tokenizer=None) -> list[torch.Tensor]:
+        """Tokenise the calibration data into the batches calibration records (`calibration_batches`,
+        also used to merge with data) and the windows held aside to score candidate plans
+        (`selection_batches`). `calibrate` calls it; call it yourself to plan saved statistics with
+        the model (`plan(stats, model)`) without calibrating again."""
+        data = load_calibration_data(self.config.dataset if data is None else data)
+        windows = calibration_windows(data, tokenizer, self.config.sequence_length)
+        self.calibration_batches = list(windows[:self.config.num_samples].split(self.config.batch_size))
+        aside, self.selection_overlaps = held_aside(windows, self.config.num_samples, self.config.selection_samples)
+        self.selection_batches = list(aside.split(self.config.batch_size)) if aside.numel() else []
+        return self.calibration_batches
+
     @torch.no_grad()
     def calibrate(self, model, data=None, tokenizer=None, extra_needs=()) -> ExpertStats:
         """Run the calibration data through `model`, recording per layer and expert what the method needs.
@@ -74,12 +86,7 @@ class GrapePruner:
         `extra_needs` records more (e.g. every method's needs, to compare methods on ONE calibration:
         `extra_needs=optimum_grape.methods.NEEDS`)."""
         self.check(model)
-        data = load_calibration_data(self.config.dataset if data is None else data)
-        windows = calibration_windows(data, tokenizer, self.config.sequence_length)
-        batches = list(windows[:self.config.num_samples].split(self.config.batch_size))
-        self.calibration_batches = batches
-        aside, self.selection_overlaps = held_aside(windows, self.config.num_samples, self.config.selection_samples)
-        self.selection_batches = list(aside.split(self.config.batch_size)) if aside.numel() else []
+        batches = self.prepare_data(data, tokenizer)
         adapter, layers = find_moe_layers(model)
         warn_if_little_data(sum(b.numel() for b in batches), layers)
         device = next(model.parameters()).device

@@ -66,7 +66,11 @@ class GrapeHfQuantizer(HfQuantizer):
 
 
 def register_with_transformers() -> None:
-    """Idempotent: transformers' own register_* helpers raise on a second registration."""
+    """Idempotent: transformers' own register_* helpers raise on a second registration. Also lets the
+    per-layer counts survive a later quantizer (carrier.py)."""
+    from .carrier import install
+
+    install()
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get("grape") is not GrapeConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING["grape"] = GrapeConfig
     if AUTO_QUANTIZER_MAPPING.get("grape") is not GrapeHfQuantizer:

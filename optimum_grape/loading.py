@@ -1,0 +1,84 @@
+"""Finding and loading models by name: the embedded default model, the shipped held-out text, and
+`load_model_and_tokenizer`, which every command and `evaluate` module uses (plugin registered, so
+pruned checkpoints with different expert counts per layer load too). A path that looks local is
+never looked up on the Hub, and with HF_HUB_OFFLINE set only the local cache is searched."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from .errors import GrapeError
+
+DEFAULT_MODEL = "default"
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("optimum_grape") / "default_model"))
+
+
+def heldout_paths() -> list[Path]:
+    return sorted(Path(str(resources.files("optimum_grape") / "data" / "heldout")).glob("*.txt"))
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read now rather than at import."""
+    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def looks_like_hub_id(base: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(base)
+    except HFValidationError:
+        return False
+    return not base.startswith((".", "~"))
+
+
+def resolve_base(base: str) -> str:
+    """The folder (or Hub id) to load BASE from. A path that exists must be a model folder; one that
+    does not is refused here, without asking the Hub, unless it can only be a Hub id ('org/name')."""
+    if base == DEFAULT_MODEL:
+        path = default_model_path()
+        if not (path / "config.json").exists():
+            raise GrapeError(f"The embedded default model is missing at {path}; reinstall optimum-grape.")
+        return str(path)
+    path = Path(base).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise GrapeError(f"BASE {base!r} is not a model folder (no config.json in it); pass the folder a "
+                             "transformers model was saved to, a cached Hub id, or 'default'.")
+        return str(path)
+    if not looks_like_hub_id(base):
+        raise GrapeError(f"Model folder {base!r} does not exist (and it is not a Hub id such as 'org/name'); check the "
+                         "path, or pass 'default' for the model shipped with optimum-grape.")
+    return base
+
+
+def load_base(base: str, trust_remote_code: bool):
+    """Model and tokenizer from a folder or a Hub id (from the local cache only when offline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code, **({"local_files_only": True} if offline() else {})}
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, **kwargs), AutoTokenizer.from_pretrained(base, **kwargs)
+    except (OSError, ValueError) as err:
+        where = "" if Path(base).exists() else (
+            " It is not a local folder, and HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched."
+            if offline() else " It is not a local folder; as a Hub id it could not be fetched.")
+        raise GrapeError(f"Cannot load a causal LM and its tokenizer from {base!r}.{where} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+# The names the commands, examples and `evaluate` modules use.
+resolve_model = resolve_base
+
+
+def load_model_and_tokenizer(name_or_path: str, tokenizer=None, trust_remote_code: bool = False):
+    """Model (in eval mode) and tokenizer from 'default', a folder or a cached Hub id (`load_base`)."""
+    model, own = load_base(resolve_base(name_or_path), trust_remote_code)
+    return model.eval(), tokenizer if tokenizer is not None else own

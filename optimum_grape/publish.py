@@ -1,0 +1,146 @@
+"""`optimum-grape publish`: prune a base into variants (methods x ratios), evaluate each against
+the base on the shipped held-out text, refuse any whose perplexity ratio exceeds a threshold, and
+upload the rest (token from `HF_TOKEN`), or with `--dry-run` write what would be uploaded.
+
+What `.github/workflows/publish-variants.yml` runs, one matrix cell per call. Every variant lands
+in `WORK_DIR/<method>-<percent>/` as a complete folder (weights, config, plan, model card, plot),
+and `WORK_DIR/publish_manifest.json` lists each variant, its repository, its files and whether it
+was pushed, would be pushed, or was refused and why. Exit status: 0 when nothing was refused,
+3 when the quality gate refused a variant, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import GrapeError
+
+MANIFEST = "publish_manifest.json"
+REFUSED_EXIT = 3
+
+
+def _list(flag: str, text: str, kind=str) -> list:
+    try:
+        items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise GrapeError(f"{flag} {text!r} must be a comma-separated list of {kind.__name__}s.") from None
+    if not items:
+        raise GrapeError(f"{flag} is empty; give at least one value.")
+    return items
+
+
+def variant_name(method: str, ratio: float) -> str:
+    return f"{method}-{round(ratio * 100):d}"
+
+
+def _files(folder: Path) -> list[dict]:
+    return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size,
+             "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+            for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def _config(args, method: str, ratio: float):
+    from .config import GrapeConfig
+
+    fields = dict(method=method, pruning_ratio=ratio, allocation=args.allocation, num_samples=args.num_samples,
+                  sequence_length=args.sequence_length, seed=args.seed, dataset=args.dataset,
+                  selection_samples=args.selection_samples, preset=args.preset)
+    return GrapeConfig(**fields)
+
+
+def publish_variant(args, method: str, ratio: float, work_dir: Path) -> dict:
+    from .checkpoint import push_folder
+    from .jobs import run_prune_job
+    from .pruner import GrapePruner
+
+    name = variant_name(method, ratio)
+    repo_id = f"{args.repo_prefix}-{name}"
+    report = run_prune_job(args.base, work_dir / name, GrapePruner(_config(args, method, ratio)), evaluate=True,
+                           eval_tokens=args.eval_tokens, window=args.sequence_length, base_model=args.base_model,
+                           overwrite=args.overwrite)
+    worst = report.comparison["max_ratio"]
+    entry = {"variant": name, "repo_id": repo_id, "method": method, "ratio": ratio, "folder": str(report.output),
+             "experts_per_layer": list(report.plan.experts_per_layer.values()),
+             "perplexity_before": report.before, "perplexity_after": report.after,
+             "perplexity_ratios": report.comparison["ratios"], "max_perplexity_ratio": worst,
+             "threshold": args.max_ppl_ratio}
+    if worst > args.max_ppl_ratio:
+        entry["status"] = "refused"
+        entry["reason"] = (f"held-out perplexity ratio {worst:.3f} exceeds --max-ppl-ratio {args.max_ppl_ratio}; "
+                           "raise the threshold, lower the ratio or pick another method to publish it")
+    elif args.dry_run:
+        from .card import set_repo_id
+
+        set_repo_id(report.output, repo_id)  # the card as it would be pushed
+        entry["status"] = "would push"
+        entry["files"] = _files(report.output)
+    else:
+        token = os.environ.get("HF_TOKEN")
+        if not token:
+            raise GrapeError("HF_TOKEN is not set; export a Hub token with write access, or pass --dry-run.")
+        push_folder(report.output, repo_id, private=args.private, token=token)
+        entry["status"] = "pushed"
+        entry["files"] = _files(report.output)
+    return entry
+
+
+def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("base", help="model folder, cached Hub id, or 'default'")
+    parser.add_argument("--methods", default="grape", help="comma-separated methods (default: grape)")
+    parser.add_argument("--ratios", default="0.25", help="comma-separated pruning ratios in (0, 1) (default: 0.25)")
+    parser.add_argument("--repo-prefix", required=True, metavar="ORG/NAME",
+                        help="variants go to ORG/NAME-<method>-<percent>")
+    parser.add_argument("--max-ppl-ratio", type=float, default=1.5,
+                        help="refuse a variant whose held-out perplexity ratio (pruned / base, worst domain) exceeds "
+                             "this (default 1.5)")
+    parser.add_argument("--work-dir", default="grape-variants", help="where variants and the manifest are written")
+    parser.add_argument("--dry-run", action="store_true", help="write the folders and the manifest, upload nothing")
+    parser.add_argument("--private", action="store_true", help="create the Hub repositories as private")
+    parser.add_argument("--overwrite", action="store_true", help="replace variant folders left by an earlier run")
+    parser.add_argument("--base-model", default=None, metavar="REPO_ID", help="Hub id of the base, for the cards")
+    parser.add_argument("--allocation", choices=["global", "uniform"], default=None)
+    parser.add_argument("--preset", choices=["default", "paper"], default="default", help="GRAPE preset")
+    parser.add_argument("--dataset", default=None, help="calibration text file or saved datasets folder")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--sequence-length", type=int, default=256)
+    parser.add_argument("--selection-samples", type=int, default=8)
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain to score")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def cmd_publish(args) -> int:
+    from .config import GrapeConfig
+    from .methods import get_method
+
+    methods, ratios = _list("--methods", args.methods), _list("--ratios", args.ratios, float)
+    for method in methods:
+        get_method(method)
+    for ratio in ratios:
+        GrapeConfig(pruning_ratio=ratio)  # validates (0, 1) before any model is loaded
+    if args.max_ppl_ratio < 1.0:
+        raise GrapeError(f"--max-ppl-ratio {args.max_ppl_ratio} is below 1.0, which no pruned model can meet; "
+                         "use e.g. 1.5.")
+    if not args.dry_run and not os.environ.get("HF_TOKEN"):
+        raise GrapeError("HF_TOKEN is not set; export a Hub token with write access, or pass --dry-run.")
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = work_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {"variants": []}
+    entries = []
+    for method in methods:
+        for ratio in ratios:
+            entry = publish_variant(args, method, ratio, work_dir)
+            entries.append(entry)
+            manifest["variants"] = [v for v in manifest["variants"] if v["variant"] != entry["variant"]] + [entry]
+            manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            print(f"{entry['variant']:16s} {entry['status']:10s} -> {entry['repo_id']}  "
+                  f"worst perplexity ratio {entry['max_perplexity_ratio']:.3f} (limit {args.max_ppl_ratio})"
+                  + (f": {entry['reason']}" if entry["status"] == "refused" else ""))
+    print(f"manifest: {manifest_path}")
+    refused = [v for v in entries if v["status"] == "refused"]
+    return REFUSED_EXIT if refused else 0

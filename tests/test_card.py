@@ -1,0 +1,62 @@
+"""The model card template, rendered from folder contents alone (no model): Hub metadata that
+huggingface_hub reads back, the per-layer table with redundancy and the plot, optional sections
+(allocation candidates) only when the plan has them, and folders without a plan."""
+
+import json
+
+from huggingface_hub import ModelCard
+
+from optimum_grape import PruningPlan
+from optimum_grape.card import PLOT_FILE, render_model_card, set_repo_id, write_inputs, write_model_card
+
+CONFIG = {"model_type": "mixtral", "num_local_experts_per_layer": [4, 3],
+          "quantization_config": {"quant_method": "grape", "method": "grape", "pruned_layout": {"x": 1}}}
+
+
+def write_folder(folder, metadata=None, inputs=None):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    plan = PruningPlan(clusters={0: [[0], [1], [2], [3]], 1: [[0, 1], [2], [3]]}, num_experts_before={0: 4, 1: 4},
+                       metadata=metadata or {})
+    (folder / "grape_plan.json").write_text(plan.to_json())
+    write_inputs(folder, inputs or {})
+    return folder
+
+
+def test_metadata_table_plot_and_candidates(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    from optimum_grape.card import base_license
+
+    inputs = {"base_model": "org/base", "license": base_license(base),
+              "evaluation": {"perplexity (x)": {"before": 10.0, "after": 12.0, "ratio": 1.2, "how": "h", "dataset": "x"}}}
+    metadata = {"allocation": "global", "merge": "weighted", "similarity": "cka",
+                "layer_redundancy": {"0": 0.1, "1": 0.7},
+                "candidates": [{"name": "uniform", "experts_per_layer": [3, 4], "score": 0.2},
+                               {"name": "gamma=0.03", "experts_per_layer": [4, 3], "score": 0.1}],
+                "selection": {"metric": "KL", "tokens": 64, "chosen": "gamma=0.03"}}
+    folder = write_folder(tmp_path / "p", metadata, inputs)
+    write_model_card(folder)
+    text = (folder / "README.md").read_text()
+    data = ModelCard.load(folder / "README.md").data
+    assert data.base_model == "org/base" and data.base_model_relation == "finetune" and data.license == "apache-2.0"
+    assert data.eval_results[0].metric_type == "perplexity" and data.eval_results[0].metric_value == 12.0
+    assert "| 1 | 4 | 3 | 0.7000 | {0, 1} |" in text and f"]({PLOT_FILE})" in text
+    assert (folder / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    assert "## Allocation candidates" in text and "| gamma=0.03 | [4, 3] | 0.10000 | yes |" in text
+    assert '"pruned_layout"' not in text  # internal layout stays out of the hyperparameters
+    set_repo_id(folder, "me/pruned")
+    assert 'from_pretrained("me/pruned")' in (folder / "README.md").read_text()
+
+
+def test_optional_sections_are_left_out_gracefully(tmp_path):
+    bare = write_folder(tmp_path / "bare", {"candidates": "not a list of dicts"})
+    text = render_model_card(bare)
+    assert "## Allocation candidates" not in text and "redundancy" not in text.split("## Calibration")[0].lower()
+    assert "base_model" not in text and "## Evaluation" not in text and "model-index" not in text
+    no_plan = tmp_path / "noplan"
+    no_plan.mkdir()
+    (no_plan / "config.json").write_text(json.dumps(CONFIG))
+    text = render_model_card(no_plan)
+    assert "no `grape_plan.json`" in text and "## Experts per layer" not in text

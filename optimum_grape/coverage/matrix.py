@@ -37,7 +37,9 @@ class FamilyResult:
     module: str  # transformers/models/<module>
     model_type: str = ""
     model_class: str = ""
-    status: str = "failed"  # "supported", "refused" (UnsupportedModelError before calibration) or "failed"
+    # "supported", "refused" (UnsupportedModelError before calibration), "unbuilt" (the tiny test
+    # instance could not be built: not counted as supported) or "failed"
+    status: str = "failed"
     reason: str = ""
     adapter: str = ""
     routing: str = ""
@@ -129,7 +131,17 @@ def prune_family(module: str, folder: Path) -> tuple[FamilyResult, torch.Tensor 
                          "transformers' auto mappings: not a model optimum-grape prunes")
         return result, None
     result.model_class = model_class.__name__
-    model = build_tiny(result.model_type, model_class)
+    try:
+        model = build_tiny(result.model_type, model_class)
+    except Exception as error:  # noqa: BLE001 -- config validators raise anything; the row says what
+        # A release can add a family whose defaults the shrinking rules break: that is the test
+        # fixture's limit (coverage/tiny.py needs an override), not evidence about pruning it.
+        result.status = "unbuilt"
+        result.reason = (f"no tiny instance could be built from its config class ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); "
+                         "optimum_grape/coverage/tiny.py needs an override for it")
+        result.seconds = time.perf_counter() - start
+        return result, None
     pruner = _small_pruner()
     try:
         scale_like_trained(model)

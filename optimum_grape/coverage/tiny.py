@@ -106,18 +106,34 @@ def _consistent(out: dict, d: dict) -> dict:
     return out
 
 
+def _is_layer_reference(values: list) -> bool:
+    """A per-layer list naming, for each layer, itself or an earlier layer (kv_source_layers)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= i for i, v in enumerate(values)) \
+        and len(set(values)) > len(values) // 2  # mostly distinct: not a pattern of small flags
+
+
+def _layer_sets(d: dict, layers: int, per_layer: list[str]) -> list[str]:
+    """Keys `*_layers` holding a set of layer indices (index_layers, mlp_only_layers)."""
+    return [k for k, v in d.items() if k.endswith("_layers") and k not in per_layer and isinstance(v, list) and v
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in v)]
+
+
 def _shrink_layers(out: dict, d: dict) -> None:
     layers = d.get("num_hidden_layers")
     if not isinstance(layers, int) or layers <= 0:
         return
     keys, maps = _per_layer_keys(d, layers), _layer_maps(d)
-    identity = [k for k in keys if d[k] == list(range(layers))]  # e.g. kv_source_layers: each its own
-    keys = [k for k in keys if k not in identity]
+    # Lists that name layers are renumbered to the kept layers, and are not what makes layers distinct.
+    references = [k for k in keys if _is_layer_reference(d[k])]  # e.g. kv_source_layers: each its own or earlier
+    sets = _layer_sets(d, layers, keys)
+    keys = [k for k in keys if k not in references]
     picked = _pick_layers(d, layers, keys + maps, minimum=min(layers, 4))
     for k in keys:
         out[k] = [out[k][i] for i in picked]
-    for k in identity:
-        out[k] = list(range(len(picked)))
+    for k in references:  # a reference to a layer not kept becomes the layer itself
+        out[k] = [picked.index(d[k][i]) if d[k][i] in picked else new for new, i in enumerate(picked)]
+    for k in sets:
+        out[k] = [picked.index(i) for i in d[k] if i in picked]
     for k in maps:
         width = len(str(next(iter(d[k]))))
         out[k] = {}
@@ -180,6 +196,8 @@ OVERRIDES = {
                   "text_config.rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}},
     "dbrx": {"attn_config.rope_theta": 10000.0},
+    "kolibri1_1": {"head_dim": 16, "index_num_heads": 1},
+    "step3p7": {"text_config.sliding_window": 16},
     "hy_v4_vl": {"text_config.rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                  "mrope_section": [2, 1, 1]}},
 }

@@ -51,7 +51,7 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None, check_model: bool 
 
 
 @torch.no_grad()
-def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=None) -> MoEAdapter:
+def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=None, found=None) -> MoEAdapter:
     """Rewrite every MoE layer the plan covers (tensors and routing), leaving `model.config` alone:
     what candidate scoring needs, and the first half of `apply_plan`.
 
@@ -59,7 +59,8 @@ def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=N
     (`validation.check_plan_fits`), and if changing a layer fails, the layers already changed are
     put back as they were."""
     plan.validate()
-    adapter, layers = find_moe_layers(model)
+    # `found`: (adapter, layers) already located (layer-by-layer mode: most layers are on the meta device)
+    adapter, layers = found or find_moe_layers(model)
     targets = check_plan_fits(plan, adapter, layers, model if check_model else None)
     # Asked before any layer changes: the answer depends on the layer's current routing.
     overrides = {index: adapter.routing_overrides(layer, len(plan.clusters[index])) for index, layer in targets.items()}

@@ -36,16 +36,11 @@ def restored(modules):
         snapshot.restore()
 
 
-@torch.no_grad()
-def reference(model, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch, the unpruned model's top-TOP token ids and their log-probabilities (+ the tail's)."""
-    device = next(model.parameters()).device
-    out = []
-    for batch in batches:
-        logp = torch.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits.float(), dim=-1)
-        top = logp.topk(min(TOP, logp.shape[-1]), dim=-1)
-        out.append((top.indices, _with_tail(top.values)))
-    return out
+def reference_of(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpruned model's top-TOP token ids and their log-probabilities (+ the tail's), per token."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(min(TOP, logp.shape[-1]), dim=-1)
+    return top.indices, _with_tail(top.values)
 
 
 def _with_tail(top_logp: torch.Tensor) -> torch.Tensor:
@@ -54,34 +49,57 @@ def _with_tail(top_logp: torch.Tensor) -> torch.Tensor:
     return torch.cat([top_logp, tail], dim=-1)
 
 
-@torch.no_grad()
-def kl_to_reference(model, batches: list[torch.Tensor], ref) -> float:
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch, (index, ref_logp) in zip(batches, ref):
-        logp = torch.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits.float(), dim=-1)
-        new = _with_tail(logp.gather(-1, index))
-        total += float((ref_logp.exp() * (ref_logp - new)).sum(-1).sum())
-        count += ref_logp.shape[0] * ref_logp.shape[1]
-    return total / max(count, 1)
+def kl_terms(logits: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
+    """(summed KL over tokens, number of tokens) of `logits` from the reference."""
+    index, ref_logp = ref
+    new = _with_tail(torch.log_softmax(logits.float(), dim=-1).gather(-1, index))
+    return float((ref_logp.exp() * (ref_logp - new)).sum(-1).sum()), ref_logp.shape[0] * ref_logp.shape[1]
+
+
+def mean_kl(totals: list[tuple[float, int]]) -> float:
+    """Mean KL per token over this rank's batches and, when calibrating across processes, every rank's."""
+    from . import distributed
+
+    summed = torch.tensor([[t for t, _ in totals], [c for _, c in totals]], dtype=torch.float64).sum(1) \
+        if totals else torch.zeros(2, dtype=torch.float64)
+    distributed.reduce_(summed)
+    score = float(summed[0] / summed[1].clamp_min(1))
+    return score if math.isfinite(score) else math.inf
 
 
 def score_plans(model, plans: list[PruningPlan], batches: list[torch.Tensor]) -> list[float]:
-    """KL of each plan's pruned model from the unpruned one on `batches`; the model is left unchanged."""
+    """KL of each plan's pruned model from the unpruned one on `batches` (this rank's share of them when
+    calibrating across processes); the model is left unchanged. A model held layer by layer
+    (`layerwise.LayerwiseModel`) is scored in one streamed pass over its layers."""
+    from . import distributed
+
+    mine = [batch for _, batch in distributed.shard(batches)]
+    if hasattr(model, "score_plans"):
+        totals = model.score_plans(plans, mine)
+    else:
+        totals = _score_in_memory(model, plans, mine)
+    scores = [mean_kl(t) for t in totals]
+    for plan, score in zip(plans, scores):
+        logger.info("  candidate %-10s KL %.5f  kept %s", plan.metadata.get("candidate", "?"), score,
+                    list(plan.experts_per_layer.values()))
+    return scores
+
+
+@torch.no_grad()
+def _score_in_memory(model, plans: list[PruningPlan], batches: list[torch.Tensor]) -> list[list[tuple[float, int]]]:
     _, layers = find_moe_layers(model)
     modules = [m for layer in layers for m in layer.block.modules()]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        ref = reference(model, batches)
-        scores = []
+        refs = [reference_of(model(input_ids=b.to(device), use_cache=False).logits) for b in batches]
+        totals = []
         for plan in plans:
             with restored(modules):
                 apply_clusters(model, plan)
-                score = kl_to_reference(model, batches, ref)
-            scores.append(score if math.isfinite(score) else math.inf)
-            logger.info("  candidate %-10s KL %.5f  kept %s", plan.metadata.get("candidate", "?"), score,
-                        list(plan.experts_per_layer.values()))
+                totals.append([kl_terms(model(input_ids=b.to(device), use_cache=False).logits, ref)
+                               for b, ref in zip(batches, refs)])
     finally:
         model.train(was_training)
-    return scores
+    return totals

@@ -19,11 +19,16 @@ PLAN_FILE = "grape_plan.json"
 
 
 def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None = None, evaluation=None,
-                 base_model: str | None = None) -> None:
+                 base_model: str | None = None, write_model=None) -> None:
+    """`write_model(folder)` writes weights and config instead of `model.save_pretrained` (layer-by-layer
+    mode streams them; `plan` is read after it, since applying the plan as it streams completes it)."""
     from .adapters import get_adapter
 
-    original = getattr(get_adapter(model), "save_original_format", True)
-    model.save_pretrained(folder, safe_serialization=True, save_original_format=original)
+    if write_model is not None:
+        write_model(folder)
+    else:
+        original = getattr(get_adapter(model), "save_original_format", True)
+        model.save_pretrained(folder, safe_serialization=True, save_original_format=original)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if plan is not None:
@@ -35,7 +40,7 @@ def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None =
 
 
 def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None, overwrite: bool = False,
-                evaluation=None, base_model: str | None = None) -> Path:
+                evaluation=None, base_model: str | None = None, write_model=None) -> Path:
     """Write everything next to the destination first, then move it into place: an interrupted save
     never leaves a half-written checkpoint at `out_dir`. The folder gets a SHA-256 manifest of its
     weight files (`manifest.py`). `overwrite` replaces only a checkpoint optimum-grape wrote, never
@@ -45,7 +50,7 @@ def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_folder(out_dir)
     try:
-        write_folder(model, staging, tokenizer, plan, evaluation, base_model)
+        write_folder(model, staging, tokenizer, plan, evaluation, base_model, write_model)
         write_manifest(staging)
         if out_dir.exists():
             backup = staging_path(out_dir, "old")

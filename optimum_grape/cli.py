@@ -47,7 +47,7 @@ def _config_from_args(args):
         batch_size=args.batch_size, max_tokens_per_layer=args.max_tokens_per_layer, seed=args.seed,
         align_neurons=not args.no_align, align_on_activations=not args.no_align_on_activations, refit=args.refit,
         sequential=args.sequential, merge_tokens=args.merge_tokens,
-        method_kwargs=parse_method_kwargs(args.method_kwargs),
+        method_kwargs=parse_method_kwargs(args.method_kwargs), layer_by_layer=args.layer_by_layer,
     )
 
 
@@ -72,8 +72,11 @@ def cmd_prune(args) -> int:
     from .jobs import run_prune_job
     from .pruner import GrapePruner
 
+    from . import distributed
+
     if args.ratio is None and args.num_experts_to_prune is None:
         args.ratio = 0.25
+    _check_placement(args)
     # Everything that can be refused is checked before the model is loaded; nothing a job reads is
     # ever a path it writes.
     output = Path(args.output)
@@ -90,14 +93,18 @@ def cmd_prune(args) -> int:
     if plan is not None:
         pruner = GrapePruner(GrapeConfig(method=plan.method, num_experts_to_prune=max(1, plan.num_removed),
                                          allocation=plan.metadata.get("allocation"), merge=plan.metadata.get("merge"),
-                                         router=plan.router, align_neurons=plan.align_neurons, seed=args.seed))
+                                         router=plan.router, align_neurons=plan.align_neurons, seed=args.seed,
+                                         layer_by_layer=args.layer_by_layer))
     else:
         pruner = GrapePruner(_config_from_args(args))
     data = load_calibration_data(pruner.config.dataset) if plan is None else None  # checked before loading
     report = run_prune_job(args.base, output, pruner, plan=plan, stats=stats, data=data, evaluate=args.evaluate,
                            eval_tokens=args.eval_tokens, window=args.sequence_length, base_model=args.base_model,
                            overwrite=args.overwrite, save_stats=args.save_stats,
-                           trust_remote_code=args.trust_remote_code, check_model=not args.force_plan)
+                           trust_remote_code=args.trust_remote_code, check_model=not args.force_plan,
+                           device=args.device, device_map=args.device_map)
+    if distributed.rank() != 0:  # rank 0 reports and writes
+        return 0
     plan = report.plan
     print(plan.summary())
     print(f"experts per layer: {json.dumps({str(k): v for k, v in plan.experts_per_layer.items()})}")
@@ -119,6 +126,31 @@ def cmd_prune(args) -> int:
         push_folder(output, args.push_to_hub)  # the folder just written: no second serialisation
         print(f"pushed to https://huggingface.co/{args.push_to_hub}")
     return 0
+
+
+def _check_placement(args) -> None:
+    """Refuse, before anything loads, placements that cannot work together; join torchrun's group."""
+    from . import distributed
+    from .loading import resolve_device
+
+    if args.layer_by_layer:
+        if args.evaluate:
+            raise GrapeError("--evaluate loads the whole model to score it, which --layer-by-layer exists to avoid; "
+                             "drop --evaluate and score the pruned checkpoint where it fits (optimum-grape eval).")
+        if args.device not in (None, "cpu") or args.device_map is not None:
+            raise GrapeError("--layer-by-layer runs on the CPU, one layer in memory at a time; drop --device/"
+                             "--device-map (or prune in memory on the GPU without --layer-by-layer).")
+        if distributed.launched():
+            raise GrapeError("--layer-by-layer runs in one process; calibrate across processes in memory (without "
+                             "--layer-by-layer), or run it without torchrun.")
+    if args.device is not None and args.device_map is not None:
+        raise GrapeError("Pass --device or --device-map, not both.")
+    if args.device is not None:
+        resolve_device(args.device)
+    if distributed.launched() and (args.plan or args.stats):
+        raise GrapeError("--plan and --stats calibrate nothing, so there is nothing to share across processes; run "
+                         "them without torchrun.")
+    distributed.init_from_environment(args.device or "cpu")
 
 
 def cmd_inspect(args) -> int:
@@ -235,6 +267,13 @@ def add_prune_arguments(prune: argparse.ArgumentParser) -> None:
                        help="Hub id of the base model, for the card's base_model (default: BASE if it is not a "
                             "local folder)")
     prune.add_argument("--trust-remote-code", action="store_true")
+    prune.add_argument("--layer-by-layer", action="store_true",
+                       help="never load BASE whole: read, calibrate, merge and write one decoder layer at a time from "
+                            "its safetensors shards (same plan and weights as in memory; peak memory about one layer "
+                            "plus the embeddings)")
+    prune.add_argument("--device", default=None, help="run the in-memory job on this device (cpu, cuda, cuda:N); under "
+                                                      "torchrun 'cuda' is each process's own GPU")
+    prune.add_argument("--device-map", default=None, help="let accelerate place the model (e.g. 'auto')")
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="folder of a checkpoint written by optimum-grape")

@@ -129,6 +129,12 @@ class GrapeConfig(QuantizationConfigMixin):
     merge_tokens: int = field(
         default=8192, metadata={"help": "Calibration tokens per layer used when merging with data."}
     )
+    layer_by_layer: bool = field(
+        default=False,
+        metadata={"help": "Prune a checkpoint from disk without loading it whole: one decoder layer in memory at a "
+                  "time, the pruned checkpoint written as the layers stream (GrapePruner.prune_checkpoint; CLI "
+                  "--layer-by-layer). Same plan and weights as the in-memory path."},
+    )
     router: str | None = field(
         default=None,
         metadata={"help": "Router row of a merged expert: the 'representative' row or the 'mean' of the cluster's "
@@ -200,7 +206,7 @@ class GrapeConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise GrapeConfigError(f"GrapeConfig.{name}={value!r} must be an integer >= {low}.")
-        for name in ("align_neurons", "align_on_activations", "refit", "sequential"):
+        for name in ("align_neurons", "align_on_activations", "refit", "sequential", "layer_by_layer"):
             if not isinstance(getattr(self, name), bool):
                 raise GrapeConfigError(f"GrapeConfig.{name}={getattr(self, name)!r} must be True or False.")
         if not isinstance(self.method_kwargs, dict):

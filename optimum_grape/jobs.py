@@ -32,18 +32,24 @@ def hub_base_model(base: str, explicit: str | None) -> str | None:
 def run_prune_job(base: str, output, pruner, plan: PruningPlan | None = None, evaluate: bool = False,
                   eval_tokens: int = 8192, window: int = 256, base_model: str | None = None,
                   overwrite: bool = False, save_stats=None, trust_remote_code: bool = False, stats=None,
-                  data=None, check_model: bool = True) -> JobReport:
+                  data=None, check_model: bool = True, device: str | None = None, device_map=None) -> JobReport:
     """`plan` applies a saved plan; else `stats` (saved statistics) are planned without calibrating;
     else the model is calibrated on `data` (None: the config's dataset). `check_model=False` applies a
-    plan computed for another model."""
+    plan computed for another model. `device` / `device_map` place the loaded model (in-memory path).
+    Under torchrun, every rank calibrates its share of the batches and plans; rank 0 writes."""
     import torch
 
+    from . import distributed
     from .evaluation import count_parameters, folder_bytes
     from .metrics import compare, heldout_perplexities
 
     path = resolve_model(base)
     torch.manual_seed(pruner.config.seed)
-    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=trust_remote_code)
+    if pruner.config.layer_by_layer:
+        return _run_layerwise(path, output, pruner, plan, stats, data, base, base_model, overwrite, save_stats,
+                              trust_remote_code, check_model)
+    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=trust_remote_code, device=device,
+                                                device_map=device_map)
     params_before = count_parameters(model)
     bytes_before = folder_bytes(path) if Path(path).is_dir() else None
     before = heldout_perplexities(model, tokenizer, eval_tokens, window) if evaluate else {}
@@ -51,11 +57,13 @@ def run_prune_job(base: str, output, pruner, plan: PruningPlan | None = None, ev
     if plan is None:
         if stats is None:
             stats = pruner.calibrate(model, data, tokenizer)
-            if save_stats:
+            if save_stats and distributed.rank() == 0:
                 stats.save(save_stats)
         else:
             pruner.prepare_data(data, tokenizer)  # held-aside windows to score candidates, data to merge with
         plan = pruner.plan(stats, model)  # scores GRAPE's candidate plans on held-aside calibration text
+    if distributed.rank() != 0:  # every rank planned the same plan; rank 0 applies and writes it
+        return JobReport(output=Path(output), plan=plan, params=(params_before, params_before), bytes=None)
     pruner.apply(model, plan, check_model=check_model)
     seconds = time.perf_counter() - start
     after, comparison = {}, {}
@@ -71,3 +79,26 @@ def run_prune_job(base: str, output, pruner, plan: PruningPlan | None = None, ev
     return JobReport(output=Path(output), plan=plan, params=(params_before, count_parameters(model)),
                      bytes=(bytes_before, folder_bytes(output)) if bytes_before else None, before=before,
                      after=after, comparison=comparison, seconds=seconds)
+
+
+def _run_layerwise(path, output, pruner, plan, stats, data, base, base_model, overwrite, save_stats,
+                   trust_remote_code, check_model) -> JobReport:
+    """The same job on a checkpoint read one decoder layer at a time (`GrapePruner.prune_checkpoint`)."""
+    import time
+
+    from .evaluation import folder_bytes
+
+    start = time.perf_counter()
+    out = pruner.prune_checkpoint(path, output, data, stats=stats, plan=plan, overwrite=overwrite,
+                                  trust_remote_code=trust_remote_code, base_model=hub_base_model(base, base_model),
+                                  check_model=check_model, save_stats=save_stats)
+    before = _parameters_in(path)
+    return JobReport(output=Path(out), plan=pruner.last_plan, params=(before, _parameters_in(out)),
+                     bytes=(folder_bytes(path), folder_bytes(out)), seconds=time.perf_counter() - start)
+
+
+def _parameters_in(folder) -> int:
+    """Parameters of a safetensors checkpoint, from the file headers (nothing is loaded)."""
+    from .layerwise.checkpoint_index import CheckpointIndex
+
+    return CheckpointIndex(folder).num_elements()

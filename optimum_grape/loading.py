@@ -59,13 +59,15 @@ def resolve_base(base: str) -> str:
     return base
 
 
-def load_base(base: str, trust_remote_code: bool):
+def load_base(base: str, trust_remote_code: bool, device_map=None):
     """Model and tokenizer from a folder or a Hub id (from the local cache only when offline)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"trust_remote_code": trust_remote_code, **({"local_files_only": True} if offline() else {})}
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(base, **kwargs), AutoTokenizer.from_pretrained(base, **kwargs)
+        return (AutoModelForCausalLM.from_pretrained(base, **kwargs, **placement),
+                AutoTokenizer.from_pretrained(base, **kwargs))
     except (OSError, ValueError) as err:
         where = "" if Path(base).exists() else (
             " It is not a local folder, and HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched."
@@ -78,7 +80,25 @@ def load_base(base: str, trust_remote_code: bool):
 resolve_model = resolve_base
 
 
-def load_model_and_tokenizer(name_or_path: str, tokenizer=None, trust_remote_code: bool = False):
-    """Model (in eval mode) and tokenizer from 'default', a folder or a cached Hub id (`load_base`)."""
-    model, own = load_base(resolve_base(name_or_path), trust_remote_code)
+def load_model_and_tokenizer(name_or_path: str, tokenizer=None, trust_remote_code: bool = False,
+                             device: str | None = None, device_map=None):
+    """Model (in eval mode) and tokenizer from 'default', a folder or a cached Hub id (`load_base`);
+    `device` moves the model there, `device_map` (e.g. "auto") lets accelerate place it."""
+    model, own = load_base(resolve_base(name_or_path), trust_remote_code, device_map)
+    if device is not None:
+        model = model.to(resolve_device(device))
     return model.eval(), tokenizer if tokenizer is not None else own
+
+
+def resolve_device(device: str) -> str:
+    """`device`, with "cuda" meaning this process's GPU under torchrun (LOCAL_RANK); refused when absent."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GrapeError(f"--device {device}: no CUDA device is available here; use --device cpu.")
+        if device == "cuda":
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    elif device != "cpu" and not device.startswith(("mps", "xpu")):
+        raise GrapeError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N.")
+    return device

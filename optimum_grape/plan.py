@@ -50,6 +50,16 @@ class PruningPlan:
 
         return self.router_weights.get(layer) or router_weights(self.clusters[layer], self.router)
 
+    def restricted_to(self, layers) -> "PruningPlan":
+        """The same plan for `layers` only (layer-by-layer mode applies one layer at a time)."""
+        keep = [l for l in sorted(self.clusters) if l in set(layers)]
+        return PruningPlan(clusters={l: self.clusters[l] for l in keep},
+                           num_experts_before={l: self.num_experts_before[l] for l in keep},
+                           merge_weights={l: self.merge_weights[l] for l in keep if l in self.merge_weights},
+                           router_weights={l: self.router_weights[l] for l in keep if l in self.router_weights},
+                           method=self.method, router=self.router, align_neurons=self.align_neurons,
+                           metadata=dict(self.metadata), model_fingerprint=dict(self.model_fingerprint))
+
     @property
     def experts_per_layer(self) -> dict[int, int]:
         return {layer: len(c) for layer, c in sorted(self.clusters.items())}

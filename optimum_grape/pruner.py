@@ -19,7 +19,9 @@ from .adapters import find_moe_layers
 from .algorithms.budget import check_budget
 from .algorithms.merging import cluster_weights, order_clusters, router_weights
 from .apply import apply_plan
+from . import distributed
 from .calibration import calibration_windows, held_aside, load_calibration_data, recording, warn_if_little_data
+from .calibration.recorder import set_batch
 from .config import GrapeConfig
 from .errors import GrapeConfigError, GrapeError
 from .fingerprint import stats_fingerprint
@@ -85,32 +87,36 @@ class GrapePruner:
 
         `extra_needs` records more (e.g. every method's needs, to compare methods on ONE calibration:
         `extra_needs=optimum_grape.methods.NEEDS`)."""
-        self.check(model)
+        if self.config.layer_by_layer and not hasattr(model, "record"):
+            raise GrapeConfigError("GrapeConfig(layer_by_layer=True) prunes a checkpoint from disk without loading it: "
+                                   "call GrapePruner.prune_checkpoint(path, output) (CLI: --layer-by-layer), or set "
+                                   "layer_by_layer=False to calibrate a model already in memory.")
+        module = getattr(model, "module", model)  # a LayerwiseModel's meta-device skeleton
+        self.check(module)
         batches = self.prepare_data(data, tokenizer)
-        adapter, layers = find_moe_layers(model)
+        adapter, layers = find_moe_layers(module)
         warn_if_little_data(sum(b.numel() for b in batches), layers)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
+        needs = frozenset(self.method.needs) | frozenset(extra_needs)
+
+        def finalize(recorder, layer):
+            return recorder.finalize(needs, self.config.similarity, module.config, adapter.layer_floor(layer))
+
         start = time.perf_counter()
-        try:
-            with recording(model, adapter, layers, len(batches), self.config.max_tokens_per_layer,
-                           self.config.seed) as recorders:
-                for batch in tqdm(batches, desc="GRAPE calibration", unit="batch", leave=False):
-                    model(input_ids=batch.to(device), use_cache=False)
-            needs = frozenset(self.method.needs) | frozenset(extra_needs)
-            layer_stats = {
-                layer.index: recorders[layer.index].finalize(needs, self.config.similarity, model.config,
-                                                             adapter.layer_floor(layer))
-                for layer in layers
-            }
-        finally:
-            model.train(was_training)
+        with recording(module, adapter, layers, len(batches), self.config.max_tokens_per_layer,
+                       self.config.seed) as recorders:
+            # This rank's share of the batches (all of them in one process), each under its global index.
+            mine = distributed.shard(batches)
+            if hasattr(model, "record"):  # held layer by layer: one streamed pass, each layer finalised while loaded
+                layer_stats = model.record(mine, recorders, finalize)
+            else:
+                self._record_in_memory(model, mine, recorders)
+        if not hasattr(model, "record"):
+            layer_stats = {layer.index: finalize(recorders[layer.index], layer) for layer in layers}
         stats = ExpertStats(layers=layer_stats, metadata={"similarity": self.config.similarity})
         self._measure_sensitivity(model, stats)
         num_tokens = sum(b.numel() for b in batches)
         self.timings["calibration_s"] = time.perf_counter() - start
-        metadata = {"model_type": model.config.model_type, "architecture": type(model).__name__,
+        metadata = {"model_type": module.config.model_type, "architecture": type(module).__name__,
                     "num_tokens": num_tokens, "num_sequences":
                     sum(b.shape[0] for b in batches), "similarity": self.config.similarity,
                     "needs": sorted(needs), "seed": self.config.seed}
@@ -118,6 +124,18 @@ class GrapePruner:
                     self.timings["calibration_s"])
         stats.metadata = metadata
         return stats
+
+    @staticmethod
+    def _record_in_memory(model, mine, recorders) -> None:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            for index, batch in tqdm(mine, desc="GRAPE calibration", unit="batch", leave=False):
+                set_batch(recorders, index)
+                model(input_ids=batch.to(device), use_cache=False)
+        finally:
+            model.train(was_training)
 
     def _measure_sensitivity(self, model, stats: ExpertStats) -> None:
         """End-to-end KL of the method's probe clusters, one layer at a time (see `PruningMethod.probe`)."""
@@ -242,17 +260,11 @@ class GrapePruner:
         with `calibration_batches` set), merges run layer by layer on calibration data when the config
         asks for it (activation-aware alignment, refit, sequential re-planning: refine.py); the plan is
         updated to what was applied."""
-        # The checkpoint records the settings actually used (method defaults resolved), not None.
-        resolved = {**self.config.to_dict(), "allocation": self.allocation, "merge": self.merge, "router": self.router}
         merger = self._data_merger(model, plan)
-        apply_plan(model, plan, GrapeConfig.from_dict(resolved), check_model=check_model, merger=merger)
-        if merger is not None:
-            plan.metadata["merged_with_data"] = {
-                "align_on_activations": plan.align_neurons and self.config.align_on_activations,
-                "refit": self.config.refit, "sequential": self.config.sequential, "layers": merger.report}
-        self.last_plan = plan
+        apply_plan(model, plan, self._resolved_config(), check_model=check_model, merger=merger)
+        self._record_merge(plan, merger)
 
-    def _data_merger(self, model, plan: PruningPlan):
+    def _data_merger(self, model, plan: PruningPlan, inputs_of=None):
         from .refine import DataMerger
 
         c = self.config
@@ -264,7 +276,67 @@ class GrapePruner:
             return None
         replan = self._replanner(plan) if c.sequential else None
         return DataMerger(model, self.calibration_batches, refit=c.refit, replan=replan,
-                          max_tokens=c.merge_tokens, seed=c.seed)
+                          max_tokens=c.merge_tokens, seed=c.seed, inputs_of=inputs_of)
+
+    def _resolved_config(self) -> GrapeConfig:
+        # The checkpoint records the settings actually used (method defaults resolved), not None.
+        return GrapeConfig.from_dict({**self.config.to_dict(), "allocation": self.allocation, "merge": self.merge,
+                                      "router": self.router})
+
+    def _record_merge(self, plan: PruningPlan, merger) -> None:
+        if merger is not None:
+            plan.metadata["merged_with_data"] = {
+                "align_on_activations": plan.align_neurons and self.config.align_on_activations,
+                "refit": self.config.refit, "sequential": self.config.sequential, "layers": merger.report}
+        self.last_plan = plan
+
+    # -- layer by layer, from disk ----------------------------------------------------------------
+    def prune_checkpoint(self, path, output, data=None, tokenizer=None, *, stats: ExpertStats | None = None,
+                         plan: PruningPlan | None = None, overwrite: bool = False, trust_remote_code: bool = False,
+                         base_model: str | None = None, check_model: bool = True, save_stats=None):
+        """Calibrate, plan, merge and save the checkpoint folder `path` one decoder layer at a time
+        (`layerwise`): peak memory is the non-layer weights, one layer and the calibration states, never
+        the model. The plan and the weights written are those of `prune` + `save_pretrained` on the
+        loaded model. `plan` applies a saved plan; `stats` plans saved statistics without calibrating."""
+        from transformers import AutoTokenizer
+
+        from .layerwise import LayerwiseModel
+        from .validation import check_fingerprint
+
+        model = LayerwiseModel(path, trust_remote_code)
+        if tokenizer is None:
+            try:  # the checkpoint's own; token-id data needs none, text data says so when it is missing
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError):
+                tokenizer = None
+        if plan is None:
+            if stats is None:
+                stats = self.calibrate(model, data, tokenizer)
+                if save_stats:
+                    stats.save(save_stats)
+            else:
+                self.prepare_data(data, tokenizer)
+            plan = self.plan(stats, model)
+        else:
+            self.prepare_data(data, tokenizer)
+            if check_model:
+                check_fingerprint(plan.model_fingerprint, None, {
+                    "model_type": model.config.model_type, "architecture": type(model.module).__name__,
+                    "router_sha256": model.router_fingerprint()})
+        return self.save_layerwise(model, plan, output, tokenizer, overwrite=overwrite, base_model=base_model)
+
+    def save_layerwise(self, model, plan: PruningPlan, output, tokenizer=None, overwrite: bool = False,
+                       base_model: str | None = None):
+        """Apply `plan` to a LayerwiseModel as its layers stream from disk, writing the checkpoint."""
+        from .checkpoint import save_pruned
+
+        def write(folder):
+            merger = self._data_merger(None, plan)  # its inputs are set by the streamed pass
+            model.write_pruned(folder, plan, self._resolved_config(), merger, self.calibration_batches)
+            self._record_merge(plan, merger)
+
+        return save_pruned(model.module, output, tokenizer=tokenizer, plan=plan, overwrite=overwrite,
+                           evaluation=self.evaluation, base_model=base_model, write_model=write)
 
     def _replanner(self, plan: PruningPlan):
         """Re-plans one layer on its current inputs with the method's own per-layer rule (sequential)."""

@@ -46,7 +46,7 @@ def layer_inputs(model, layer: MoELayer, batches: list[torch.Tensor], max_tokens
     calls = []
 
     def hook(module, args, kwargs):
-        calls.append(_experts_call(args, kwargs))
+        calls.append((args, kwargs))
         raise _Captured
 
     handle = layer.experts.register_forward_pre_hook(hook, with_kwargs=True)
@@ -58,6 +58,14 @@ def layer_inputs(model, layer: MoELayer, batches: list[torch.Tensor], max_tokens
                 pass
     finally:
         handle.remove()
+    return assemble_inputs(layer, calls, max_tokens, seed)
+
+
+def assemble_inputs(layer: MoELayer, calls: list[tuple], max_tokens: int, seed: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [N, H], gates [N, E]) from the (args, kwargs) of calls into the layer's experts, at most
+    `max_tokens` rows sampled with `seed` (`layer_inputs`; layer-by-layer mode collects the calls itself)."""
+    calls = [_experts_call(args, kwargs) for args, kwargs in calls]
     hidden = torch.cat([c[0] for c in calls])
     gates = torch.zeros(hidden.shape[0], layer.num_experts, dtype=torch.float64, device=hidden.device)
     gates.scatter_(1, torch.cat([c[1] for c in calls]).long(), torch.cat([c[2] for c in calls]).double())
@@ -82,15 +90,17 @@ class DataMerger:
     """Applies a plan's clusters layer by layer with calibration data (see the module docstring)."""
 
     def __init__(self, model, batches: list[torch.Tensor], *, refit: bool = False, replan=None,
-                 max_tokens: int = 8192, seed: int = 0, ridge: float = 1e-2) -> None:
-        self.model, self.batches = model, batches
+                 max_tokens: int = 8192, seed: int = 0, ridge: float = 1e-2, inputs_of=None) -> None:
         self.refit, self.replan = refit, replan
         self.max_tokens, self.seed, self.ridge = max_tokens, seed, ridge
+        # layer -> (inputs, gates) on the calibration batches through the model as it is now; layer-by-
+        # layer mode passes its own (the streamed states), the default runs the model's forward.
+        self.inputs_of = inputs_of or (lambda layer: layer_inputs(model, layer, batches, max_tokens, seed))
         self.report: dict[str, dict] = {}
 
     def __call__(self, adapter: MoEAdapter, layer: MoELayer, clusters, weights, routers, align: bool):
         """Merge `layer`; returns the clusters and merge weights actually used (re-planned or not)."""
-        x, before = layer_inputs(self.model, layer, self.batches, self.max_tokens, self.seed)
+        x, before = self.inputs_of(layer)
         report = {"tokens": int(x.shape[0])}
         if self.replan is not None:
             clusters, weights, routers = self.replan(layer.index, adapter, layer, x, before)
@@ -114,7 +124,7 @@ class DataMerger:
 
     def _refit(self, adapter, layer, x, targets) -> dict:
         # The same tokens (same seed) as they reach the merged layer: what its new router now does.
-        x, after = layer_inputs(self.model, layer, self.batches, self.max_tokens, self.seed)
+        x, after = self.inputs_of(layer)
         kept = 0
         for c, target in targets.items():
             rows = torch.nonzero(after[:, c] > 0).flatten()

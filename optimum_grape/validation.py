@@ -198,14 +198,14 @@ def check_plan_fits(plan, adapter, layers, model=None) -> dict:
     return targets
 
 
-def check_fingerprint(recorded: dict, model) -> None:
+def check_fingerprint(recorded: dict, model, actual: dict | None = None) -> None:
     """Refuse a plan made for another model (or from its statistics): architecture and router
-    weights must match."""
+    weights must match (`actual`: the model's fingerprint when it cannot be read off `model`)."""
     if not recorded:
         logger.warning("The plan carries no model fingerprint (written by hand or by an older optimum-grape): it "
                        "cannot be checked against this model.")
         return
-    actual = model_fingerprint(model)
+    actual = actual or model_fingerprint(model)
     differ = [k for k in ("model_type", "architecture", "router_sha256")
               if recorded.get(k) and actual.get(k) and recorded[k] != actual[k]]
     if differ:

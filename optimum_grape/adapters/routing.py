@@ -95,8 +95,9 @@ def _arg(args, kwargs, position: int, names: tuple[str, ...]):
 
 
 @torch.no_grad()
-def observe(model: nn.Module, layers) -> dict[int, Observation]:
-    """Router inputs and the experts' inputs, routing and outputs of every layer on sample tokens."""
+def observe(model: nn.Module, layers, run=None) -> dict[int, Observation]:
+    """Router inputs and the experts' inputs, routing and outputs of every layer on sample tokens.
+    `run()` runs them (default: the model's forward; layer-by-layer mode runs one loaded layer)."""
     seen = {layer.index: Observation() for layer in layers}
     handles = []
 
@@ -119,7 +120,10 @@ def observe(model: nn.Module, layers) -> dict[int, Observation]:
             handles.append(layer.experts.register_forward_hook(on_experts(seen[layer.index]), with_kwargs=True))
         model.eval()
         try:
-            model(input_ids=sample_ids(model).to(model.get_input_embeddings().weight.device))
+            if run is None:
+                model(input_ids=sample_ids(model).to(model.get_input_embeddings().weight.device))
+            else:
+                run()
         except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError, IndexError) as error:
             raise UnsupportedModelError(
                 f"{type(model).__name__} could not run on sample tokens, which verifying its MoE layers needs "
@@ -220,25 +224,28 @@ def compare(layer, routing: LayerRouting, obs: Observation) -> tuple[LayerRoutin
 def verify(model: nn.Module, adapter, layers) -> None:
     """Learn and verify every layer's routing and experts on sample tokens, or refuse the model."""
     observations = observe(model, layers)
-    config = model.config
     for layer in layers:
-        obs = observations[layer.index]
-        check_experts(adapter, layer, obs)
-        tried = []
-        for candidate in adapter.routing_candidates(layer, config):
-            found, why = compare(layer, candidate, obs)
-            if found is not None:
-                same = obs.cat("router_input").shape == obs.cat("expert_input").shape and \
-                    torch.equal(obs.cat("router_input"), obs.cat("expert_input"))
-                _LEARNT[layer.router] = dataclasses.replace(found, same_input=same)
-                break
-            tried.append(f"{describe(candidate)}: {why}")
-        else:
-            raise UnsupportedModelError(
-                f"MoE block {layer.name!r} of model_type {config.model_type!r}: routing rule not recognised. The "
-                f"router {type(layer.router).__name__} chose experts or weights that no rule tried reproduces on "
-                f"sample tokens ({'; '.join(tried[:4])}{'; ...' if len(tried) > 4 else ''}; {len(tried)} rules "
-                "tried). Register the family with an adapter that describes its router (docs/adding_a_family.md).")
+        verify_layer(adapter, layer, observations[layer.index], model.config)
+
+
+@torch.no_grad()
+def verify_layer(adapter, layer, obs: Observation, config) -> None:
+    """Learn and verify one layer's routing and experts from what it did on sample tokens."""
+    check_experts(adapter, layer, obs)
+    tried = []
+    for candidate in adapter.routing_candidates(layer, config):
+        found, why = compare(layer, candidate, obs)
+        if found is not None:
+            same = obs.cat("router_input").shape == obs.cat("expert_input").shape and \
+                torch.equal(obs.cat("router_input"), obs.cat("expert_input"))
+            _LEARNT[layer.router] = dataclasses.replace(found, same_input=same)
+            return
+        tried.append(f"{describe(candidate)}: {why}")
+    raise UnsupportedModelError(
+        f"MoE block {layer.name!r} of model_type {config.model_type!r}: routing rule not recognised. The "
+        f"router {type(layer.router).__name__} chose experts or weights that no rule tried reproduces on "
+        f"sample tokens ({'; '.join(tried[:4])}{'; ...' if len(tried) > 4 else ''}; {len(tried)} rules "
+        "tried). Register the family with an adapter that describes its router (docs/adding_a_family.md).")
 
 
 def describe(routing: LayerRouting) -> str:

@@ -1,0 +1,155 @@
+"""A model whose weights stay on disk until asked for: the skeleton on the meta device, and loading
+one part of it (the embeddings and head, or one decoder layer) from the safetensors shards.
+
+Built as `from_pretrained` builds a model (same class, config and dtype, buffers such as rotary
+frequencies computed for real), and loaded through transformers' own key conversion
+(`convert_and_load_state_dict_in_model`), so a materialised part holds exactly the tensors
+`from_pretrained` would give it. `release` moves a part back to the meta device, freeing its memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from ..adapters.fused import decoder_of
+from ..errors import UnsupportedModelError
+from .checkpoint_index import CheckpointIndex
+
+logger = logging.getLogger("optimum_grape")
+REST = None  # the group of everything outside the decoder layers
+
+
+def _quiet_loading():
+    """transformers' loading progress bar, once per part, would flood the log."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+class Skeleton:
+    """The meta-device model of a checkpoint folder and its parts, loadable one at a time."""
+
+    def __init__(self, folder, trust_remote_code: bool = False, model_class=None) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.folder = folder
+        self.index = CheckpointIndex(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        dtype = getattr(config, "dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.dtype = dtype or self.index.first_float_dtype() or torch.float32
+        cls = model_class or _architecture_class(config)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) computed for real
+            if cls is None:
+                self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype,
+                                                              trust_remote_code=trust_remote_code)
+            else:
+                self.model = cls._from_config(config, dtype=self.dtype)
+        self.model.eval()
+        if self.model.can_generate():  # as from_pretrained reads it
+            from transformers import GenerationConfig
+
+            try:
+                self.model.generation_config = GenerationConfig.from_pretrained(folder)
+            except OSError:
+                pass  # no generation_config.json: the one derived from the config stays
+        self.model.config.name_or_path = str(folder)
+        self.model.name_or_path = str(folder)
+        self.mapping = get_model_conversion_mapping(self.model, None, None)
+        self._used: dict[int, object] = {}  # conversions used by any load: what saving must revert
+        meta_state = self.model.state_dict()
+        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        prefix = self.model.base_model_prefix
+
+        def target_of(key: str) -> str:
+            return rename_source_key(key, renamings, converters, prefix, meta_state)[0]
+
+        self.layers_path, self.layers = decoder_layers(self.model)
+        self.groups = self.index.group_by_layer(target_of, self.layers_path)
+        missing = [i for i in range(len(self.layers)) if i not in self.groups]
+        if missing:
+            raise UnsupportedModelError(f"No weights for decoder layers {missing} were found in {folder}: is the "
+                                        "checkpoint complete?")
+        _quiet_loading()
+
+    # -- loading and freeing --------------------------------------------------------------------
+    def load(self, group: int | None) -> None:
+        """Materialise decoder layer `group` (or REST: everything else) from the checkpoint."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        keys = self.groups.get(group, [])
+        state = {key: self.index.read(key) for key in keys}
+        mapping = copy.deepcopy(self.mapping)
+        config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.model._get_dtype_plan(self.dtype),
+                                     weight_mapping=mapping)
+        convert_and_load_state_dict_in_model(self.model, state, config)
+        del state
+        self.index.close()  # unmaps the shards: their pages leave this process's resident memory
+        for original, used in zip(self.mapping, mapping):
+            if used.was_used():
+                self._used[id(original)] = original
+        if group is REST:
+            self.model.tie_weights()
+        module = self.part(group)
+        still = [n for n, p in self._own_parameters(module, group) if p.is_meta]
+        if still:
+            raise UnsupportedModelError(
+                f"After loading {'the non-layer weights' if group is REST else f'decoder layer {group}'} from "
+                f"{self.folder}, {len(still)} parameter(s) are still missing, e.g. {still[:3]}: the checkpoint does "
+                "not hold them under names transformers converts for this model class.")
+
+    def release(self, group: int | None) -> None:
+        """Free a part: its parameters go back to the meta device (buffers are small and stay)."""
+        module = self.part(group)
+        own = {id(p) for _, p in self._own_parameters(module, group)}
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is not None and id(param) in own and not param.is_meta:
+                    owner._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                           requires_grad=param.requires_grad)
+
+    def part(self, group: int | None) -> nn.Module:
+        return self.model if group is REST else self.layers[group]
+
+    def _own_parameters(self, module: nn.Module, group):
+        if group is not REST:
+            return list(module.named_parameters())
+        inside = {id(p) for layer in self.layers for p in layer.parameters()}
+        return [(n, p) for n, p in module.named_parameters() if id(p) not in inside]
+
+    def used_conversions(self) -> list:
+        """The checkpoint's key conversions that loading applied, in transformers' order (for saving)."""
+        return [m for m in self.mapping if id(m) in self._used]
+
+    def size_bytes(self) -> int:
+        return self.index.size_bytes()
+
+
+def _architecture_class(config):
+    """The class the checkpoint was saved from (`config.architectures`), when transformers has it: a
+    multimodal `...ForConditionalGeneration` is not an AutoModelForCausalLM. None: use the auto class."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(module path, list) of the text decoder's layers: what layer-by-layer mode loads one at a time."""
+    path, decoder = decoder_of(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: layer-by-layer mode runs the decoder's `layers` one at a time, and "
+            f"{type(decoder).__name__} has no `layers` list. Prune it in memory (without --layer-by-layer).")
+    return (f"{path}.layers" if path else "layers"), layers

@@ -1,0 +1,154 @@
+"""Running a decoder one layer at a time on cached hidden states (what optimum's GPTQ and
+llm-compressor's sequential pipeline do): capture what the model feeds each decoder layer, then run
+any layer on any states, and turn final states into logits with the model's own head.
+
+`Captured` holds, per batch, the input of the first decoder layer and the arguments the model passes
+every layer (attention mask, position embeddings, ...). They are taken from the model's own forward,
+with every decoder layer replaced by a stand-in that records its arguments and hands its input on,
+so only the embeddings run. `head_logits` runs that forward again with the last stand-in returning
+given final states: the model's norm, head and any logit scaling then run as in a full forward.
+A layer run on the same input with the same arguments computes what it computes inside the full
+forward, so a streamed pass gives the full forward's values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+
+@dataclass
+class Captured:
+    batches: list[torch.Tensor]  # input ids per batch
+    inputs: list[torch.Tensor] = field(default_factory=list)  # per batch: hidden states entering the first layer
+    calls: list[dict[int, tuple[tuple, dict]]] = field(default_factory=list)  # per batch: layer -> (args[1:], kwargs)
+    order: list[int] = field(default_factory=list)  # decoder layers in the order the model runs them
+
+
+@contextlib.contextmanager
+def stand_ins(layers: nn.ModuleList, on_call):
+    """Replace every decoder layer's forward by `on_call(index, args, kwargs)` for the block."""
+    originals = {}
+    try:
+        for i, layer in enumerate(layers):
+            originals[i] = layer.__dict__.get("forward")
+
+            def forward(*args, _i=i, **kwargs):
+                return on_call(_i, args, kwargs)
+
+            layer.forward = forward
+        yield
+    finally:
+        for i, layer in enumerate(layers):
+            if originals.get(i) is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = originals[i]
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> Captured:
+    """Per batch, the first layer's input and every layer's arguments (only the embeddings need weights)."""
+    device = model.get_input_embeddings().weight.device
+    out = Captured(batches=batches)
+    for b, batch in enumerate(batches):
+        calls: dict[int, tuple[tuple, dict]] = {}
+        order: list[int] = []
+
+        def on_call(i, args, kwargs):
+            if i in calls:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} runs decoder layer {i} more than once per forward; layer-by-layer mode "
+                    "needs each layer to run once. Prune it in memory (without --layer-by-layer).")
+            hidden = _hidden(args, kwargs)
+            if not order:
+                out.inputs.append(hidden)
+            calls[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            order.append(i)
+            return hidden
+
+        with stand_ins(layers, on_call):
+            model(input_ids=batch.to(device), use_cache=False)
+        if b == 0:
+            out.order = order
+        elif order != out.order:
+            raise UnsupportedModelError(f"{type(model).__name__} runs its decoder layers in a different order from one "
+                                        "batch to the next; layer-by-layer mode cannot follow it.")
+        out.calls.append(calls)
+    if not out.order:
+        raise UnsupportedModelError(f"{type(model).__name__}'s forward did not run its decoder layers.")
+    return out
+
+
+def _as_hidden(output, like: torch.Tensor, index: int) -> torch.Tensor:
+    if isinstance(output, torch.Tensor) and output.shape == like.shape:
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].shape == like.shape:
+        return output[0]
+    raise UnsupportedModelError(f"Decoder layer {index} returned {type(output).__name__}, not the hidden states; "
+                                "layer-by-layer mode cannot chain it. Prune it in memory (without --layer-by-layer).")
+
+
+@torch.no_grad()
+def run_layer(layers: nn.ModuleList, index: int, captured: Captured, states: list[torch.Tensor],
+              before=None) -> list[torch.Tensor]:
+    """The layer's output for each batch's `states`, with the arguments the model gives it
+    (`before(b)` is called before batch b runs)."""
+    layer = layers[index]
+    out = []
+    for b, hidden in enumerate(states):
+        if before is not None:
+            before(b)
+        args, kwargs = captured.calls[b][index]
+        out.append(_as_hidden(layer(hidden, *args, **kwargs), hidden, index))
+    return out
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, layers: nn.ModuleList, captured: Captured, b: int, final: torch.Tensor
+                ) -> torch.Tensor:
+    """Logits of batch `b` whose last decoder layer produced `final`, through the model's own head."""
+    last = captured.order[-1]
+
+    def on_call(i, args, kwargs):
+        return final if i == last else _hidden(args, kwargs)
+
+    device = model.get_input_embeddings().weight.device
+    with stand_ins(layers, on_call):
+        return model(input_ids=captured.batches[b].to(device), use_cache=False).logits
+
+
+@torch.no_grad()
+def experts_inputs(layers: nn.ModuleList, index: int, experts: nn.Module, captured: Captured,
+                   states: list[torch.Tensor]) -> list[tuple]:
+    """The (args, kwargs) the layer's experts module receives on each batch; the layer stops there."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append((args, kwargs))
+        raise _Stop
+
+    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b, hidden in enumerate(states):
+            args, kwargs = captured.calls[b][index]
+            try:
+                layers[index](hidden, *args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return calls

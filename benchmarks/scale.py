@@ -70,21 +70,37 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def prune(base: Path, out: Path, extra: list[str]) -> dict:
-    """One `optimum-grape prune` child; its peak RSS from getrusage of the waited child."""
-    import resource
+# Runs the command given after it and reports the peak RSS of that command alone: a process's
+# RUSAGE_CHILDREN is the largest child it ever waited for, so each measured job gets its own parent.
+_PEAK_OF = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+            "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(rc)")
 
+
+def peak_rss(command: list[str], env=None) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `command` in a child; its result and its peak resident memory in bytes."""
+    result = subprocess.run([sys.executable, "-c", _PEAK_OF, *command], capture_output=True, text=True, env=env)
+    line = [ln for ln in result.stderr.splitlines() if ln.startswith("peak_rss_kb ")][-1]
+    return result, int(line.split()[1]) * 1024
+
+
+def prune(base: Path, out: Path, extra: list[str]) -> dict:
+    """One `optimum-grape prune` child: wall time and peak RSS."""
     shutil.rmtree(out, ignore_errors=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "optimum_grape", "prune", str(base), "--output", str(out), *JOB,
-                             *extra], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result, peak = peak_rss([sys.executable, "-m", "optimum_grape", "prune", str(base), "--output", str(out), *JOB,
+                             *extra])
     if result.returncode != 0:
         raise SystemExit(f"prune {' '.join(extra)} failed:\n{result.stderr[-3000:]}")
-    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run the smaller job first.
-    return {"wall_s": round(wall, 1), "peak_rss_bytes": peak_kb * 1024, "max_rss_was_already": before * 1024}
+    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak}
+
+
+def import_floor() -> int:
+    """Peak RSS of a process that only imports the CLI: what no pruning job can go below."""
+    result, peak = peak_rss([sys.executable, "-c", "import optimum_grape.cli, transformers"])
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    return peak
 
 
 def same_output(a: Path, b: Path) -> dict:
@@ -139,6 +155,8 @@ def main() -> int:
     size = folder_bytes(base)
     print(f"model: {base} ({size / 1e9:.2f} GB of safetensors, built in {time.perf_counter() - start:.0f}s)", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    floor = import_floor()
+    print(f"a process that only imports optimum_grape and transformers: {floor / 1e9:.2f} GB", flush=True)
     layerwise = prune(base, args.work / "layer-by-layer", ["--layer-by-layer"])
     print(f"layer by layer: {layerwise['wall_s']}s, peak RSS {layerwise['peak_rss_bytes'] / 1e9:.2f} GB "
           f"({layerwise['peak_rss_bytes'] / size:.3f}x the model)", flush=True)
@@ -153,6 +171,7 @@ def main() -> int:
         "model": {"architecture": "MixtralForCausalLM", "layers": args.layers, "hidden": 1024, "experts": 8,
                   "expert_intermediate": 2048, "vocab": 32000, "dtype": "float32", "bytes_on_disk": size},
         "job": "optimum-grape prune BASE " + " ".join(JOB),
+        "import_only_peak_rss_bytes": floor,
         "layer_by_layer": {**layerwise, "peak_rss_over_model": round(layerwise["peak_rss_bytes"] / size, 3)},
         "in_memory": {**memory, "peak_rss_over_model": round(memory["peak_rss_bytes"] / size, 3)},
         "identical_output": same, "torchrun": torchrun, "cpu_threads": torch.get_num_threads(),

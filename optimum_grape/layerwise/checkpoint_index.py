@@ -6,12 +6,20 @@ which transformers converts on load (renamings, fusing experts into `mlp.experts
 Each key is renamed here with transformers' own conversion rules to the model parameter it feeds, so
 keys can be grouped by the decoder layer they load into and read one group at a time, without
 opening more than the tensors asked for.
+
+Tensors are read with plain file reads into memory of their own, not through safetensors' memory
+map: every page of a mapping a process has touched counts as its resident memory for as long as the
+mapping lives, and one zero-copy tensor kept from it (a norm weight, a router) keeps the whole file
+mapped, so a layer-by-layer pass over a mapped checkpoint ends up holding the checkpoint's size.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
+
+import torch
 
 from safetensors import SafetensorError, safe_open
 
@@ -41,20 +49,39 @@ class CheckpointIndex:
                 f"Layer-by-layer mode reads safetensors weights, and {str(self.folder)!r} has neither {SINGLE_FILE} nor "
                 f"{INDEX_FILE}. Convert the checkpoint to safetensors (transformers saves it so by default), or prune "
                 "in memory (without --layer-by-layer).")
-        self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
 
     def keys(self) -> list[str]:
         return list(self.files)
 
-    def read(self, key: str):
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor `key`, read from its file into memory of its own (see the module docstring)."""
         path = self.files[key]
-        handle = self._handles.get(path)
-        if handle is None:
+        start, header = self._header(path)
+        entry = header.get(key)
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"Cannot read {key!r} from {path}: missing, or a dtype this reader does not know "
+                                  f"({entry.get('dtype') if isinstance(entry, dict) else None!r}).")
+        begin, end = entry["data_offsets"]
+        dtype = _DTYPES[entry["dtype"]]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(path, "rb") as handle:
+            handle.seek(start + begin)
+            if handle.readinto(memoryview(out.numpy())) != end - begin:
+                raise CheckpointError(f"{path} is truncated: {key!r} needs bytes {begin}-{end} of its data.")
+        return out.view(dtype).reshape(entry["shape"])
+
+    def _header(self, path: Path) -> tuple[int, dict]:
+        """(offset of the data section, header) of one safetensors file, parsed once."""
+        if path not in self._headers:
             try:
-                handle = self._handles[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as err:
+                with open(path, "rb") as handle:
+                    (length,) = struct.unpack("<Q", handle.read(8))
+                    header = json.loads(handle.read(length))
+            except (OSError, ValueError, struct.error) as err:
                 raise CheckpointError(f"Cannot read weight file {path}: {err}.") from None
-        return handle.get_tensor(key)
+            self._headers[path] = (8 + length, header)
+        return self._headers[path]
 
     def first_float_dtype(self):
         """The dtype of the first floating-point tensor: the checkpoint's dtype, as `dtype="auto"` reads it."""
@@ -80,9 +107,6 @@ class CheckpointIndex:
     def size_bytes(self) -> int:
         return sum(path.stat().st_size for path in set(self.files.values()))
 
-    def close(self) -> None:
-        self._handles.clear()
-
     def group_by_layer(self, target_of, layers_prefix: str) -> dict[int | None, list[str]]:
         """Checkpoint keys grouped by the decoder layer of the parameter each loads into (`target_of`:
         checkpoint key -> model key; decoder layer i is the module `{layers_prefix}.{i}`); None groups
@@ -94,6 +118,13 @@ class CheckpointIndex:
             index = int(target[len(head):].split(".", 1)[0]) if target.startswith(head) else None
             groups.setdefault(index, []).append(key)
         return groups
+
+
+# safetensors dtype names -> torch dtypes (the format's full list that torch can hold).
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _keys(path: Path) -> list[str]:

@@ -10,7 +10,9 @@ frequencies computed for real), and loaded through transformers' own key convers
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -30,6 +32,21 @@ def _quiet_loading():
     transformers.utils.logging.disable_progress_bar()
 
 
+def _return_freed_tensors_to_the_os():
+    """glibc raises its mmap threshold after a large block is freed, so later layer-sized tensors come
+    from the heap and stay resident after `release`: a layer-by-layer pass would creep up to several
+    layers' worth. A fixed 1 MiB threshold (what MALLOC_MMAP_THRESHOLD_ sets) gives each such tensor
+    its own mapping, returned to the OS when freed. Process-wide, Linux/glibc only, harmless elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to adjust
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 class Skeleton:
     """The meta-device model of a checkpoint folder and its parts, loadable one at a time."""
 
@@ -39,6 +56,7 @@ class Skeleton:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
+        _return_freed_tensors_to_the_os()
         self.folder = folder
         self.index = CheckpointIndex(folder)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -93,7 +111,6 @@ class Skeleton:
                                      weight_mapping=mapping)
         convert_and_load_state_dict_in_model(self.model, state, config)
         del state
-        self.index.close()  # unmaps the shards: their pages leave this process's resident memory
         for original, used in zip(self.mapping, mapping):
             if used.was_used():
                 self._used[id(original)] = original

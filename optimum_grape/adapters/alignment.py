@@ -39,13 +39,16 @@ def neuron_features(experts: nn.Module, e: int, axes) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def aligned_expert_tensors(experts: nn.Module, clusters, weights, activations=None) -> dict[str, torch.Tensor]:
-    """Copies of the expert tensors in which every member that is averaged into a cluster has its
-    neurons permuted to match the cluster's representative (members[0]). `activations(e)` -> [I, T],
-    when given, matches neurons on their activations on calibration tokens as well as their weights."""
+def aligned_expert_tensors(experts: nn.Module, clusters, weights, activations=None
+                           ) -> dict[str, dict[int, torch.Tensor]]:
+    """Per expert tensor name, {member: its row with neurons permuted to match the cluster's
+    representative (members[0])}, for every member that is averaged into a cluster; rows not listed
+    are used as stored (`combine_rows(..., replaced=...)`), so no copy of the whole tensor is made.
+    `activations(e)` -> [I, T], when given, matches neurons on their activations on calibration
+    tokens as well as their weights."""
     axes = neuron_axes(experts)
     interleaved = not getattr(experts, "is_concatenated", True)
-    out = {name: getattr(experts, name).detach().clone() for name in axes}
+    out: dict[str, dict[int, torch.Tensor]] = {name: {} for name in axes}
     for members, w in zip(clusters, weights):
         ref = neuron_features(experts, members[0], axes)
         ref_acts = activations(members[0]) if activations is not None else None
@@ -56,5 +59,6 @@ def aligned_expert_tensors(experts: nn.Module, clusters, weights, activations=No
                                  activations(m) if activations is not None else None)
             for name, (axis, paired) in axes.items():
                 index = paired_index(perm, interleaved) if paired else perm
-                out[name][m] = out[name][m].index_select(axis, index.to(out[name].device))
+                tensor = getattr(experts, name).detach()
+                out[name][m] = tensor[m].index_select(axis, index.to(tensor.device))
     return out

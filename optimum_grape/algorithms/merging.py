@@ -33,22 +33,31 @@ def router_weights(clusters: list[list[int]], mode: str) -> list[list[float]]:
     return cluster_weights(clusters, None, "mean" if mode == "mean" else "drop")
 
 
-def combine_rows(tensor: torch.Tensor, clusters: list[list[int]], weights: list[list[float]]) -> torch.Tensor:
-    """New tensor whose row c is sum_i weights[c][i] * tensor[clusters[c][i]] (dim 0 = experts).
+def combine_rows(tensor: torch.Tensor, clusters: list[list[int]], weights: list[list[float]],
+                 replaced: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """New tensor whose row c is sum_i weights[c][i] * row(clusters[c][i]) (dim 0 = experts), where
+    row(m) is `replaced[m]` when given (e.g. a member with its neurons aligned) and `tensor[m]` otherwise.
 
     Singleton clusters and one-hot weights copy rows exactly, so keeping every expert is the identity.
+    Each row is written straight into the result: besides it, only one cluster's members are held at
+    a time, which is what keeps merging a layer of a large model within one extra copy of the output.
     """
-    rows = []
-    for members, w in zip(clusters, weights):
+    replaced = replaced or {}
+
+    def row(m: int) -> torch.Tensor:
+        return replaced.get(m, tensor[m])
+
+    out = torch.empty((len(clusters), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    for c, (members, w) in enumerate(zip(clusters, weights)):
         nonzero = [(m, x) for m, x in zip(members, w) if x != 0.0]
         if len(nonzero) == 1 and nonzero[0][1] == 1.0:
-            rows.append(tensor[nonzero[0][0]].clone())
+            out[c].copy_(row(nonzero[0][0]))
             continue
-        coeff = torch.tensor([x for _, x in nonzero], dtype=torch.float64, device=tensor.device)
-        stacked = tensor[[m for m, _ in nonzero]].double()
-        merged = torch.einsum("k,k...->...", coeff, stacked)
-        rows.append(merged.to(tensor.dtype))
-    return torch.stack(rows, dim=0)
+        merged = torch.zeros(tensor.shape[1:], dtype=torch.float64, device=tensor.device)
+        for m, x in nonzero:  # the same sum, in float64, one member at a time
+            merged.add_(row(m).double(), alpha=x)
+        out[c].copy_(merged)
+    return out
 
 
 def order_clusters(clusters: list[list[int]], priority: torch.Tensor | None) -> list[list[int]]:

@@ -71,6 +71,11 @@ class CheckpointIndex:
                 raise CheckpointError(f"{path} is truncated: {key!r} needs bytes {begin}-{end} of its data.")
         return out.view(dtype).reshape(entry["shape"])
 
+    def nbytes(self, key: str) -> int:
+        """Bytes of tensor `key` on disk, from its file's header."""
+        begin, end = self._header(self.files[key])[1][key]["data_offsets"]
+        return end - begin
+
     def _header(self, path: Path) -> tuple[int, dict]:
         """(offset of the data section, header) of one safetensors file, parsed once."""
         if path not in self._headers:

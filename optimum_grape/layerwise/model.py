@@ -122,6 +122,7 @@ class LayerwiseModel:
                         variants[v] = run_layer(self.layers, i, captured, variants[v] or before)
                     finally:
                         snapshot.restore()
+                        del snapshot  # it holds the layer's tensors: freeing the layer must free them
                 elif variants[v] is not None:
                     variants[v] = run_layer(self.layers, i, captured, variants[v])
         totals = [[] for _ in plans]

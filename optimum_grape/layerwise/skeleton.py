@@ -90,6 +90,7 @@ class Skeleton:
         def target_of(key: str) -> str:
             return rename_source_key(key, renamings, converters, prefix, meta_state)[0]
 
+        self._target_of = target_of
         self.layers_path, self.layers = decoder_layers(self.model)
         self.groups = self.index.group_by_layer(target_of, self.layers_path)
         missing = [i for i in range(len(self.layers)) if i not in self.groups]
@@ -104,16 +105,21 @@ class Skeleton:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        keys = self.groups.get(group, [])
-        state = {key: self.index.read(key) for key in keys}
-        mapping = copy.deepcopy(self.mapping)
-        config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.model._get_dtype_plan(self.dtype),
-                                     weight_mapping=mapping)
-        convert_and_load_state_dict_in_model(self.model, state, config)
-        del state
-        for original, used in zip(self.mapping, mapping):
-            if used.was_used():
-                self._used[id(original)] = original
+        # One conversion at a time, largest first: fusing every expert's tensors into one holds the
+        # sources and the fused result together, so it runs while the least else of the part is loaded.
+        by_target: dict[str, list[str]] = {}
+        for key in self.groups.get(group, []):
+            by_target.setdefault(self._target_of(key), []).append(key)
+        for keys in sorted(by_target.values(), key=lambda ks: -sum(self.index.nbytes(k) for k in ks)):
+            state = {key: self.index.read(key) for key in keys}
+            mapping = copy.deepcopy(self.mapping)
+            config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.model._get_dtype_plan(self.dtype),
+                                         weight_mapping=mapping)
+            convert_and_load_state_dict_in_model(self.model, state, config)
+            del state
+            for original, used in zip(self.mapping, mapping):
+                if used.was_used():
+                    self._used[id(original)] = original
         if group is REST:
             self.model.tie_weights()
         module = self.part(group)

@@ -335,6 +335,14 @@ def main() -> None:
     if args.resume:
         step, meta, log = load_checkpoint(model, opt)
         print(f"resumed at step {step}", flush=True)
+        # A resumed run may shorten or extend the cosine schedule (--steps); the change is recorded
+        # in the train log so the model's recipe stays reproducible.
+        planned = int(meta.get("schedule", [{}])[-1].get("steps", meta["args"]["steps"]))
+        if planned != args.steps:
+            meta.setdefault("schedule", [{"from_step": 0, "steps": planned}]).append(
+                {"from_step": step, "steps": args.steps})
+            print(f"schedule changed at step {step}: cosine decay now ends at step {args.steps}, not {planned}",
+                  flush=True)
 
     model.train()
     top_k = model.config.num_experts_per_tok
@@ -442,6 +450,7 @@ def finish(model, tok, train_ids, args, meta, log, n_params, wall_s) -> None:
             "final_train_loss": log[-1]["loss"] if log else None,
             "final_aux_loss": log[-1]["aux_loss"] if log else None,
             "max_train_bytes": args.max_train_bytes,
+            "schedule_changes": meta.get("schedule", []),
         },
         "heldout_perplexity": results,
         "baselines": {"unigram_k": unigram.k, "bigram_k": bigram.k,
@@ -449,7 +458,7 @@ def finish(model, tok, train_ids, args, meta, log, n_params, wall_s) -> None:
         "expert_usage_fraction": [[round(f, 4) for f in row] for row in frac],
         "routing_balance": balance,
         "dead_experts": dead,
-        "command": reproduce_command(args),
+        "command": reproduce_command(args, meta.get("schedule")),
     }
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "README.md").write_text(model_card(summary))
@@ -460,13 +469,23 @@ def finish(model, tok, train_ids, args, meta, log, n_params, wall_s) -> None:
           flush=True)
 
 
-def reproduce_command(args) -> str:
-    cmd = ("python benchmarks/corpus/build_corpus.py && python benchmarks/train_moe.py "
-           f"--testbed {args.testbed} --steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} "
-           f"--warmup {args.warmup} --balance-coef {args.balance_coef} --seed {args.seed} --threads {args.threads}")
-    if args.max_train_bytes:
-        cmd += f" --max-train-bytes {args.max_train_bytes}"
-    return cmd
+def reproduce_command(args, schedule: list[dict] | None = None) -> str:
+    """The command(s) that rebuild this model; a schedule changed on resume is replayed as a stop at
+    that step (interrupt after its checkpoint) and a `--resume` with the new `--steps`."""
+    def train(steps: int, resume: bool = False) -> str:
+        cmd = (f"python benchmarks/train_moe.py --testbed {args.testbed} --steps {steps} --batch-size {args.batch_size} "
+               f"--lr {args.lr} --warmup {args.warmup} --balance-coef {args.balance_coef} --seed {args.seed} "
+               f"--threads {args.threads} --ckpt-every {args.ckpt_every}")
+        if args.max_train_bytes:
+            cmd += f" --max-train-bytes {args.max_train_bytes}"
+        return cmd + (" --resume" if resume else "")
+
+    stages = schedule or [{"from_step": 0, "steps": args.steps}]
+    cmds = ["python benchmarks/corpus/build_corpus.py", train(stages[0]["steps"])]
+    for stage in stages[1:]:
+        cmds[-1] += f"  # interrupted after the checkpoint at step {stage['from_step']}"
+        cmds.append(train(stage["steps"], resume=True))
+    return " && ".join(cmds) if len(cmds) == 2 else "\n".join(cmds)
 
 
 def model_card(s: dict) -> str:

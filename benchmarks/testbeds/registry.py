@@ -35,19 +35,19 @@ TESTBEDS = {
     "default": Testbed(
         "default", _default_path(),
         "python benchmarks/train_moe.py --testbed default --steps 2000 --batch-size 16 --lr 2e-3 --warmup 100 "
-        "--seed 0 --threads 1",
+        "--balance-coef 0.05 --seed 0 --threads 1",
         "The model shipped in the package: Mixtral architecture, 6 layers x 8 experts, top-2, 5.5M parameters, "
         "trained from scratch with a per-layer balance loss. Fast; every method runs in minutes.",
         shipped=True),
     "qwen2moe-16e": Testbed(
         "qwen2moe-16e", CACHE / "qwen2moe-16e",
         "python benchmarks/train_moe.py --testbed qwen2moe-16e --steps 3000 --batch-size 16 --lr 2e-3 --warmup 100 "
-        "--seed 0 --threads 1",
+        "--balance-coef 0.05 --seed 0 --threads 1 --ckpt-every 200",
         "Fine-grained like DeepSeek-MoE and Qwen-MoE: Qwen2-MoE architecture, 8 layers x 16 routed experts, "
         "top-4, one shared expert, trained from scratch with a per-layer balance loss."),
     "smollm2-moe": Testbed(
         "smollm2-moe", CACHE / "smollm2-moe",
-        "python benchmarks/testbeds/build.py smollm2-moe",
+        "python benchmarks/testbeds/build.py smollm2-moe --threads 2 --steps 600 --max-train-minutes 120",
         "A real pretrained LM turned into an MoE: SmolLM2-135M's FFNs split into experts, a router fitted per "
         "layer, healed by continued training (benchmarks/testbeds/smollm2_moe.py)."),
 }

@@ -42,10 +42,10 @@ VARIANTS = [{}, {"merge": "drop"}, {"layer_cap": None}, {"preset": "paper"}]
 METHOD_KWARGS = {"enumerate": {"max_subsets": 20000}}
 
 
-def runs(ratios, methods=None):
+def runs(ratios, methods=None, variants=None):
     for ratio in ratios:
         for name in sorted(methods or METHODS):
-            for variant in VARIANTS if name == "grape" else [{}]:
+            for variant in (variants if variants is not None else VARIANTS) if name == "grape" else [{}]:
                 for allocation in METHODS[name].allocations:
                     for seed in RANDOM_SEEDS if name == "random" else (0,):
                         yield name, allocation, ratio, seed, variant
@@ -70,6 +70,9 @@ def main() -> None:
     add_testbed_argument(parser)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="LABEL",
+                        help="only these GRAPE rows: 'default' and/or labels such as 'merge=drop', 'layer_cap=None', "
+                             "'preset=paper' (default: all)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
     parser.add_argument("--cloze-items", type=int, default=300, help="cloze items per domain")
     parser.add_argument("--task-items", type=int, default=200,
@@ -85,6 +88,13 @@ def main() -> None:
         (args.out / "quality.md").write_text(markdown_table(records, meta))
         plot(records, args.out)
         return
+    variants = None
+    if args.variants is not None:
+        known = {variant_label(v) or "default": v for v in VARIANTS}
+        unknown = [v for v in args.variants if v not in known]
+        if unknown:
+            parser.error(f"--variants {unknown}: choose from {sorted(known)}")
+        variants = [known[v] for v in args.variants]
     if args.quick:
         args.eval_tokens, args.cloze_items, args.task_items = 2048, 40, 20
     torch.manual_seed(0)
@@ -107,14 +117,18 @@ def main() -> None:
         calibrator = GrapePruner(GrapeConfig(pruning_ratio=ratio))
         stats = calibrator.calibrate(base, None, tok, extra_needs=NEEDS)
         calib_s = time.perf_counter() - start
-        paper = GrapePruner(GrapeConfig(pruning_ratio=ratio, preset="paper")).calibrate(base, None, tok)
-        by_ratio[ratio] = ({"merge_cost": stats, "cka": paper}, calibrator.selection_batches, calib_s)
+        wanted = {GrapePruner(GrapeConfig(method=name, pruning_ratio=ratio, **variant)).config.similarity
+                  for name, _, r, _, variant in runs([ratio], args.methods, variants)}
+        by_similarity = {"merge_cost": stats}
+        if "cka" in wanted:  # the paper preset's similarity: its own calibration, only when a row needs it
+            by_similarity["cka"] = GrapePruner(GrapeConfig(pruning_ratio=ratio, preset="paper")).calibrate(base, None, tok)
+        by_ratio[ratio] = (by_similarity, calibrator.selection_batches, calib_s)
         print(f"calibration at {ratio:.0%}: {stats.metadata['num_tokens']} tokens, {calib_s:.1f}s", flush=True)
 
     records = [{"testbed": args.testbed, "method": "none", "allocation": None, "ratio": 0.0, "seed": 0, "variant": "",
                 "experts_per_layer": stats.num_experts, **evaluate(base, scoring, cloze, tasks)}]
     print(f"{'none':13s} {'':8s} 0.00  ppl {records[0]['perplexity']:8.2f}  cloze {records[0]['accuracy']:.3f}", flush=True)
-    for name, allocation, ratio, seed, variant in runs(args.ratios, args.methods):
+    for name, allocation, ratio, seed, variant in runs(args.ratios, args.methods, variants):
         by_similarity, selection, _ = by_ratio[ratio]
         pruner = GrapePruner(GrapeConfig(method=name, allocation=allocation, pruning_ratio=ratio, seed=seed,
                                          method_kwargs=METHOD_KWARGS.get(name, {}), **variant))

@@ -62,7 +62,8 @@ def testbed_report(testbed: str) -> str:
     domains = [d for d in base["perplexity_by_domain"] if d != "all"]
     lines = [f"Held-out perplexity / unpruned ({base['perplexity']:.2f} unpruned, token-weighted over "
              f"{', '.join(domains)}; {meta.get('eval_tokens_per_domain')} tokens per domain); lower is better, best "
-             "per column in bold; `random`: mean of seeds 0-2.", "",
+             "per column in bold" + ("; `random`: mean of seeds 0-2." if any(r["method"] == "random" for r in records)
+                                     else "."), "",
              _table(records, lambda r: r["perplexity"] / base["perplexity"], min, lambda v: f"{v:.3f}", "method"), ""]
     if base.get("task_accuracy") is not None:
         tasks = [t for t in base["accuracy_by_task"] if not t.startswith("cloze_")]

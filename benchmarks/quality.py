@@ -117,8 +117,8 @@ def main() -> None:
         calibrator = GrapePruner(GrapeConfig(pruning_ratio=ratio))
         stats = calibrator.calibrate(base, None, tok, extra_needs=NEEDS)
         calib_s = time.perf_counter() - start
-        wanted = {GrapePruner(GrapeConfig(method=name, pruning_ratio=ratio, **variant)).config.similarity
-                  for name, _, r, _, variant in runs([ratio], args.methods, variants)}
+        wanted = {GrapeConfig(method=name, pruning_ratio=ratio, **variant).similarity
+                  for name, *_, variant in runs([ratio], args.methods, variants)}
         by_similarity = {"merge_cost": stats}
         if "cka" in wanted:  # the paper preset's similarity: its own calibration, only when a row needs it
             by_similarity["cka"] = GrapePruner(GrapeConfig(pruning_ratio=ratio, preset="paper")).calibrate(base, None, tok)

@@ -81,14 +81,19 @@ def testbed_report(testbed: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_section(testbed: str) -> re.Pattern:
+    """The README's table of `testbed`: group 1 its begin marker, group 2 the table, group 3 its end marker."""
+    return re.compile(rf"(<!-- quality:{re.escape(testbed)}:begin -->\n)(.*?)(<!-- quality:{re.escape(testbed)}:end -->)",
+                      re.S)
+
+
 def rewrite_readme(readme: Path, reports: dict[str, str]) -> None:
     text = readme.read_text(encoding="utf-8")
     for testbed, report in reports.items():
-        pattern = re.compile(rf"(<!-- quality:{re.escape(testbed)}:begin -->\n).*?(<!-- quality:{re.escape(testbed)}:end -->)",
-                             re.S)
+        pattern = readme_section(testbed)
         if not pattern.search(text):
             raise SystemExit(f"{readme} has no <!-- quality:{testbed}:begin/end --> markers")
-        text = pattern.sub(lambda m: m.group(1) + report + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + report + m.group(3), text)
     readme.write_text(text, encoding="utf-8")
 
 

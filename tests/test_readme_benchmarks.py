@@ -3,7 +3,7 @@ and must not drift from them: a stale table would be a claim nobody measured."""
 
 from __future__ import annotations
 
-import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +26,14 @@ def test_every_testbed_with_results_has_a_readme_table():
 @pytest.mark.parametrize("testbed", TESTBEDS)
 def test_readme_table_equals_the_report_of_the_results_file(testbed):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    found = re.search(rf"<!-- quality:{re.escape(testbed)}:begin -->\n(.*?)<!-- quality:{re.escape(testbed)}:end -->",
-                      readme, re.S)
+    found = report.readme_section(testbed).search(readme)
     assert found, f"README.md lost the markers of testbed {testbed!r}"
-    assert found.group(1) == report.testbed_report(testbed), (
+    assert found.group(2) == report.testbed_report(testbed), (
         "README table is stale: run `python benchmarks/report.py --readme README.md`")
+
+
+def test_quality_refuses_an_unknown_variant_before_loading_a_model():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--variants", "merge=average"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--variants ['merge=average']: choose from" in result.stderr and "'merge=drop'" in result.stderr

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_grape.evaluation import text_token_ids
-from optimum_grape.lm_eval_tasks import olmo_requests_dir
-from optimum_grape.loading import default_model_path, heldout_paths
+from optimum_grape.evaluation.perplexity import text_token_ids
+from optimum_grape.evaluation.lm_eval import olmo_requests_dir
+from optimum_grape.checkpoint.load import default_model_path, heldout_paths
 from optimum_grape.metrics import load as load_metric
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -31,7 +31,7 @@ from testbeds.registry import load_testbed, testbed  # noqa: E402
 from optimum_grape import GrapeConfig, GrapePruner  # noqa: E402
 from optimum_grape.algorithms.grape import grape_global_merge  # noqa: E402
 from optimum_grape.calibration import calibration_batches, load_calibration_data  # noqa: E402
-from optimum_grape.evaluation import count_parameters, folder_bytes  # noqa: E402
+from optimum_grape.evaluation.perplexity import count_parameters, folder_bytes  # noqa: E402
 from optimum_grape.methods import METHODS  # noqa: E402
 
 CHILD = """

@@ -23,7 +23,7 @@ from common import add_testbed_argument, perplexities, results_dir  # noqa: E402
 from testbeds.registry import load_testbed  # noqa: E402
 
 from optimum_grape import GrapeConfig, GrapePruner  # noqa: E402
-from optimum_grape.candidates import score_plans  # noqa: E402
+from optimum_grape.planning.scoring import score_plans  # noqa: E402
 
 GAMMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 

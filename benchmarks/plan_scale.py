@@ -54,7 +54,7 @@ def plan_at_scale(name: str, ratio: float = 0.25, seed: int = 0) -> dict:
     from optimum_grape.adapters import find_moe_layers
     from optimum_grape.algorithms.grape import grape_global_merge
     from optimum_grape.algorithms.merging import order_clusters
-    from optimum_grape.apply import apply_plan
+    from optimum_grape.merging.apply import apply_plan
 
     start = time.perf_counter()
     model = meta_model(name)

@@ -40,7 +40,7 @@ JOB = ["--ratio", "0.25", "--num-samples", "8", "--sequence-length", "128", "--b
 def build(folder: Path, layers: int) -> None:
     from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
-    from optimum_grape.loading import default_model_path
+    from optimum_grape.checkpoint.load import default_model_path
 
     if (folder / "config.json").exists():
         return

@@ -13,7 +13,7 @@ import evaluate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_grape import GrapeConfig, GrapePruner
-from optimum_grape.loading import heldout_paths, resolve_model
+from optimum_grape.checkpoint.load import heldout_paths, resolve_base
 from optimum_grape.methods import NEEDS
 from optimum_grape.metrics import module_path
 
@@ -28,7 +28,7 @@ def main(argv=None):
     parser.add_argument("--eval-tokens", type=int, default=4096)
     args = parser.parse_args(argv)
 
-    path = resolve_model(args.model)
+    path = resolve_base(args.model)
     base = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     texts = [Path(args.heldout).read_text(encoding="utf-8")] if args.heldout else \

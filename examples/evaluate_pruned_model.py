@@ -10,7 +10,7 @@ import argparse
 import evaluate
 
 import optimum_grape  # noqa: F401  (registers the pruned layout with transformers)
-from optimum_grape.loading import heldout_paths, load_model_and_tokenizer
+from optimum_grape.checkpoint.load import heldout_paths, load_model_and_tokenizer
 from optimum_grape.metrics import module_path
 
 
@@ -36,7 +36,8 @@ def main(argv=None):
     if args.tasks:
         from pathlib import Path
 
-        from optimum_grape.lm_eval_tasks import record_in_card, run_lm_eval
+        from optimum_grape.cli.eval import record_in_card
+        from optimum_grape.evaluation.lm_eval import run_lm_eval
 
         model, tokenizer = load_model_and_tokenizer(args.pruned)
         results = run_lm_eval(model, tokenizer, args.tasks.split(","), limit=args.limit)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_grape import GrapeConfig, GrapeModelForCausalLM
-from optimum_grape.loading import resolve_model
+from optimum_grape.checkpoint.load import resolve_base
 
 
 def main(argv=None):
@@ -21,7 +21,7 @@ def main(argv=None):
     parser.add_argument("--num-samples", type=int, default=64)
     args = parser.parse_args(argv)
 
-    path = resolve_model(args.model)
+    path = resolve_base(args.model)
     config = GrapeConfig(pruning_ratio=args.ratio, num_samples=args.num_samples)
     model = GrapeModelForCausalLM.from_pretrained(path, pruning_config=config)
     print(model.grape_pruner.last_plan.summary())

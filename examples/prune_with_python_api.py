@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_grape import GrapeConfig, GrapePruner
-from optimum_grape.loading import resolve_model
+from optimum_grape.checkpoint.load import resolve_base
 
 
 def main(argv=None):
@@ -25,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--num-samples", type=int, default=64)
     args = parser.parse_args(argv)
 
-    path = resolve_model(args.model)
+    path = resolve_base(args.model)
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     texts = Path(args.texts).read_text(encoding="utf-8").split("\n\n") if args.texts else None

@@ -4,6 +4,8 @@ Importing this package registers the 'grape' layout with transformers, so pruned
 different expert counts per layer load with `AutoModelForCausalLM.from_pretrained`.
 """
 
+__version__ = "0.1.0"
+
 from .adapters import register_adapter, register_family, supported_model_types, unregister_family
 from .config import GrapeConfig
 from .errors import (BudgetError, CalibrationDataError, CheckpointError, GrapeConfigError, GrapeError, PlanError,
@@ -16,8 +18,6 @@ from .quantizer import GrapeHfQuantizer, register_with_transformers
 from .stats import ExpertStats
 
 register_with_transformers()
-
-__version__ = "0.1.0"
 
 __all__ = ["BudgetError", "CalibrationDataError", "CheckpointError", "ExpertStats", "GrapeConfig",
            "GrapeConfigError", "GrapeError", "GrapeHfQuantizer", "GrapeModelForCausalLM", "GrapePruner", "PlanError",

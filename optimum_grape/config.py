@@ -1,7 +1,7 @@
 """`GrapeConfig`: every user-facing knob of a pruning job, validated, and serialisable to JSON.
 
 It doubles as a transformers quantization config (`quant_method="grape"`), which is how a pruned
-checkpoint carries its per-layer expert counts in `config.json` (DESIGN.md decision 4) and how
+checkpoint carries its per-layer expert counts in `config.json` (docs/design.md, "Per-layer counts in config.json") and how
 `from_pretrained(..., quantization_config=GrapeConfig(...))` prunes on load.
 """
 
@@ -13,13 +13,14 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .algorithms.merging import ROUTER_MODES
+from .algorithms.similarity import SIMILARITIES
+from .calibration.data import check_data_type
 from .errors import GrapeConfigError
+from .methods import AUTO, get_method, resolve_allocation, resolve_merge
 
 ALLOCATIONS = ("global", "uniform")
-SIMILARITIES = ("merge_cost", "cka", "cosine", "mse")
 MERGE_MODES = ("weighted", "saliency", "drop", "affinity")
-ROUTER_MODES = ("representative", "mean")
-AUTO = "auto"
 # A field left at PRESET takes its value from the chosen preset (docs/methods.md, "Presets").
 PRESET = "preset"
 PRESETS = {
@@ -29,7 +30,7 @@ PRESETS = {
     "default": {"similarity": "merge_cost", "entropy_tolerance": AUTO, "layer_cap": 2.0,
                 "protect_super_experts": True},
     # The paper's Algorithm 1 as published, with the choices it leaves open closed as in
-    # RESEARCH.md: linear CKA (as its predecessor DEK), gamma = 0.1 (a third-party port's value),
+    # docs/methods.md: linear CKA (as its predecessor DEK), gamma = 0.1 (a third-party port's value),
     # no cap, no protection, no candidate search.
     "paper": {"similarity": "cka", "entropy_tolerance": 0.1, "layer_cap": None, "protect_super_experts": False},
 }
@@ -72,7 +73,7 @@ class GrapeConfig(QuantizationConfigMixin):
                   "squared output distance, relative to the layer's output energy), 'cka' (linear CKA), 'cosine' "
                   "or 'mse'. Preset: merge_cost (default), cka (paper)."},
     )
-    # The paper gives no value for gamma (RESEARCH.md); 'auto' measures instead of guessing.
+    # The paper gives no value for gamma (docs/methods.md); 'auto' measures instead of guessing.
     entropy_tolerance: float | str = field(
         default=PRESET,
         metadata={"help": "GRAPE's gamma in [0, 1]: allowed relative drop of the allocation entropy, or 'auto': "
@@ -114,7 +115,7 @@ class GrapeConfig(QuantizationConfigMixin):
     align_on_activations: bool = field(
         default=True,
         metadata={"help": "Match neurons on their activations on the layer's calibration inputs as well as on their "
-                  "weights (REAM). Merges then run layer by layer with calibration data (refine.py)."},
+                  "weights (REAM). Merges then run layer by layer with calibration data (merging/with_data.py)."},
     )
     refit: bool = field(
         default=False,
@@ -172,8 +173,6 @@ class GrapeConfig(QuantizationConfigMixin):
             raise GrapeConfigError(f"GrapeConfig.quant_method must be 'grape', got {self.quant_method!r}.")
         if self.pruned_layout is None:
             self._validate_budget()
-        from .methods import get_method, resolve_allocation, resolve_merge  # methods import config: resolve lazily
-
         resolve_allocation(get_method(self.method), self.allocation)
         if self.merge is not None:
             resolve_merge(get_method(self.method), self.merge)
@@ -215,8 +214,6 @@ class GrapeConfig(QuantizationConfigMixin):
             raise GrapeConfigError(f"GrapeConfig.seed={self.seed!r} must be an integer >= 0.")
         if self.pruned_layout is None:  # a saved checkpoint's config is not re-judged on load
             get_method(self.method).check_kwargs(self.method_kwargs)
-            from .calibration.data import check_data_type
-
             check_data_type(self.dataset, "GrapeConfig.dataset")
 
     def _validate_budget(self) -> None:

@@ -2,7 +2,7 @@
 
 Per MoE layer (keyed by decoder-layer index): the clusters of ORIGINAL expert ids that become one
 expert each (representative first), and the weights used to merge each cluster. A plan also records
-the fingerprint of the model it was computed for (`fingerprint.py`), so that applying it to another
+the fingerprint of the model it was computed for (`adapters/fingerprint.py`), so that applying it to another
 model is refused. Reading and checking the fields strictly is `validation.py`'s job.
 """
 

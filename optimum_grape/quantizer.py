@@ -26,7 +26,7 @@ class GrapeHfQuantizer(HfQuantizer):
         self.quantization_config.validate()
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .apply import resize_to_layout
+        from .merging.apply import resize_to_layout
 
         layout = self.quantization_config.pruned_layout
         if layout:
@@ -67,8 +67,8 @@ class GrapeHfQuantizer(HfQuantizer):
 
 def register_with_transformers() -> None:
     """Idempotent: transformers' own register_* helpers raise on a second registration. Also lets the
-    per-layer counts survive a later quantizer (carrier.py)."""
-    from .carrier import install
+    per-layer counts survive a later quantizer (checkpoint/requantized.py)."""
+    from .checkpoint.requantized import install
 
     install()
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get("grape") is not GrapeConfig:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .destinations import clean_stale_staging, staging_path
+from .checkpoint.staging import clean_stale_staging, staging_path
 from .errors import CheckpointError, StatsError
 from .validation import check_stats_tensors, parse_stats_header
 

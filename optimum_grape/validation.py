@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from .config import ROUTER_MODES, SIMILARITIES
+from .algorithms.merging import ROUTER_MODES
+from .algorithms.similarity import SIMILARITIES
 from .errors import PlanError, StatsError
-from .fingerprint import model_fingerprint
+from .adapters.fingerprint import model_fingerprint
 
 logger = logging.getLogger("optimum_grape")
 # Merge and router weights of a cluster are a convex combination: each in [0, 1], summing to 1.

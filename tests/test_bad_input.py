@@ -412,7 +412,7 @@ def pruned_model():
 
 
 def test_staging_left_by_a_dead_process_is_cleaned_and_nothing_else(tmp_path, caplog):
-    from optimum_grape.destinations import _host
+    from optimum_grape.checkpoint.staging import _host
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

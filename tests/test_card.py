@@ -7,7 +7,7 @@ import json
 from huggingface_hub import ModelCard
 
 from optimum_grape import PruningPlan
-from optimum_grape.card import PLOT_FILE, render_model_card, set_repo_id, write_inputs, write_model_card
+from optimum_grape.checkpoint.card import PLOT_FILE, render_model_card, set_repo_id, write_inputs, write_model_card
 
 CONFIG = {"model_type": "mixtral", "num_local_experts_per_layer": [4, 3],
           "quantization_config": {"quant_method": "grape", "method": "grape", "pruned_layout": {"x": 1}}}
@@ -27,7 +27,7 @@ def test_metadata_table_plot_and_candidates(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
-    from optimum_grape.card import base_license
+    from optimum_grape.checkpoint.card import base_license
 
     inputs = {"base_model": "org/base", "license": base_license(base),
               "evaluation": {"perplexity (x)": {"before": 10.0, "after": 12.0, "ratio": 1.2, "how": "h", "dataset": "x"}}}

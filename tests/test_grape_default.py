@@ -15,7 +15,7 @@ from optimum_grape.adapters import find_moe_layers
 from optimum_grape.algorithms.grape import grape_global_merge
 from optimum_grape.algorithms.safeguards import layer_caps, super_experts
 from optimum_grape.algorithms.similarity import cost_kernel, relative_merge_cost
-from optimum_grape.candidates import score_plans
+from optimum_grape.planning.scoring import score_plans
 from optimum_grape.stats import ExpertStats
 
 
@@ -211,23 +211,23 @@ def test_plan_json_round_trips_candidates():
     assert again.metadata["candidates"] == plan.metadata["candidates"]
 
 
-# -- merging with calibration data (refine.py) -----------------------------------------------------
+# -- merging with calibration data (merging/with_data.py) -----------------------------------------------------
 def test_keep_all_through_the_data_merger_is_the_identity():
-    from optimum_grape.refine import DataMerger
+    from optimum_grape.merging.with_data import DataMerger
 
     model = tiny_model("qwen2_moe")
     before = logits(model)
     _, layers = find_moe_layers(model)
     plan = PruningPlan(clusters={l.index: [[e] for e in range(l.num_experts)] for l in layers},
                        num_experts_before={l.index: l.num_experts for l in layers}, align_neurons=True)
-    from optimum_grape.apply import apply_clusters
+    from optimum_grape.merging.apply import apply_clusters
 
     apply_clusters(model, plan, DataMerger(model, [torch.stack(random_token_batches(n=4))], refit=True))
     assert torch.equal(logits(model), before)
 
 
 def test_layer_inputs_are_what_the_experts_receive_with_their_gates():
-    from optimum_grape.refine import layer_inputs
+    from optimum_grape.merging.with_data import layer_inputs
 
     model = tiny_model("deepseek_v3")
     layer = find_moe_layers(model)[1][0]

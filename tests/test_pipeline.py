@@ -9,7 +9,7 @@ from factories import CORE_FAMILIES, plant_copies, random_token_batches, tiny_mo
 from helpers import PROBE, logits, logits_in_fresh_process
 from optimum_grape import ExpertStats, GrapeConfig, GrapePruner, PruningPlan
 from optimum_grape.adapters import find_moe_layers
-from optimum_grape.evaluation import mean_kl
+from optimum_grape.evaluation.perplexity import mean_kl
 
 FAMILY_NAMES = sorted(CORE_FAMILIES)  # every other family: tests/test_families.py
 
@@ -157,7 +157,7 @@ def test_prune_on_load_through_quantization_config(tmp_path, tokenizer):
 
 def test_push_uploads_weights_first_then_the_card(tmp_path):
     """No network in tests: a stand-in for HfApi records what would be uploaded, in order."""
-    from optimum_grape.checkpoint import push_pruned
+    from optimum_grape.checkpoint.save import push_pruned
 
     class RecordingApi:
         def __init__(self):

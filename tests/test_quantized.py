@@ -1,4 +1,4 @@
-"""A pruned checkpoint quantized afterwards keeps its per-layer expert counts (carrier.py): the
+"""A pruned checkpoint quantized afterwards keeps its per-layer expert counts (checkpoint/requantized.py): the
 later quantizer replaces `quantization_config`, the top-level `num_local_experts_per_layer` stays,
 and the quantized checkpoint reloads with exactly the logits of the quantized model that was saved."""
 
@@ -44,7 +44,7 @@ def test_torchao_int8_round_trip_keeps_counts_and_logits(pruned_folder, tmp_path
 def test_carried_counts_resize_any_quantizers_empty_model():
     from transformers.quantizers.base import HfQuantizer
 
-    from optimum_grape.carrier import carried_layout
+    from optimum_grape.checkpoint.requantized import carried_layout
 
     model = tiny_model("mixtral")
     model.config.num_local_experts_per_layer = [8, 5, None, 6]

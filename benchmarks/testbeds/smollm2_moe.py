@@ -55,7 +55,7 @@ from common import WINDOW, chance_levels, heldout_ids, olmo_task_accuracy, olmo_
 from testbeds.balance import balance_report, per_layer_balance_loss  # noqa: E402
 from train_moe import TRAIN_TXT, batch_indices, lr_at, read_chunks, seed_everything, windows  # noqa: E402
 
-from optimum_grape.evaluation import perplexity, text_token_ids  # noqa: E402
+from optimum_grape.evaluation.perplexity import perplexity, text_token_ids  # noqa: E402
 
 NAME = "smollm2-moe"
 OUT_DIR = BENCH / "testbeds" / "cache" / NAME

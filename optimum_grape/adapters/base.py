@@ -144,7 +144,7 @@ class MoEAdapter:
         (on their activations on `inputs` [T, H] as well as their weights, where given and supported)."""
         raise NotImplementedError
 
-    # Merging with calibration data (refine.py): activation-aware alignment and least-squares refits.
+    # Merging with calibration data (merging/with_data.py): activation-aware alignment and least-squares refits.
     def merges_with_data(self, layer: MoELayer) -> bool:
         """Whether `expert_activations` / `set_down_projection` describe this layer's experts exactly."""
         return False

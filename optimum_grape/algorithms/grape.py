@@ -1,7 +1,7 @@
 """GRAPE's global redundancy-aware allocation (arXiv 2604.06542, Algorithm 1) and its per-layer
 twin, as pure functions on similarity matrices.
 
-Gaps the paper leaves, closed as RESEARCH.md decides: (a) the pair's similarity is subtracted from
+Gaps the paper leaves, closed as docs/methods.md ("GRAPE") records: (a) the pair's similarity is subtracted from
 R^l before it is cleared; (b) a pair already joined transitively is cleared and subtracted but is
 not a merge (union-find per layer); (c) no layer goes below its floor; (d) we stay in similarity
 form (argmax), and "clearing" retires the pair, so negative similarities (MSE) cannot be picked twice.

@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 
 
+# How a merged expert's router row is formed: the representative's row, or the mean of the cluster's rows.
+ROUTER_MODES = ("representative", "mean")
+
+
 def cluster_weights(clusters: list[list[int]], frequency: torch.Tensor | None, mode: str) -> list[list[float]]:
     """Per-cluster merge weights that sum to one.
 

@@ -1,7 +1,7 @@
 """Expert-to-expert similarity from the outputs of every expert on the SAME tokens: pure functions.
 
 `outputs` is [E, T, H]: expert e's output on token t. Each function returns a symmetric [E, E]
-float64 matrix, larger = more alike (GRAPE works in similarity form: RESEARCH.md gap (d)).
+float64 matrix, larger = more alike (GRAPE works in similarity form: docs/methods.md, gap (d)).
 
 `merge_cost` also uses the router's gates on those tokens, so it knows how much each expert is used:
 it is the measure GRAPE's default plans with (docs/methods.md, "Merge cost").
@@ -83,6 +83,8 @@ def relative_merge_cost(outputs: torch.Tensor, gates: torch.Tensor, chunk: int =
     return (cost + cost.T) / 2 / max(energy / num_tokens, 1e-30)
 
 
+# The measures a config may name (GrapeConfig.similarity); larger = more alike in every one.
+SIMILARITIES = ("merge_cost", "cka", "cosine", "mse")
 SIMILARITY_FUNCTIONS = {"cka": linear_cka, "cosine": mean_cosine, "mse": negative_mse}
 # Measures that need the router's gates on the sampled tokens besides the experts' outputs.
 GATED_MEASURES = {"merge_cost": lambda outputs, gates: -relative_merge_cost(outputs, gates)}

@@ -109,7 +109,7 @@ class LayerRecorder:
 
     def reduce(self) -> None:
         """Make this rank's sums, maxima and samples those of every rank (a no-op in one process)."""
-        from .. import distributed
+        from . import distributed
 
         for total in (self.tokens, self.weight_mass, self.saliency_sum):
             distributed.reduce_(total)

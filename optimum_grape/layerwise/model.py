@@ -7,7 +7,7 @@ over the decoder layers, loading a layer from disk, using it and freeing it:
   and is finalised (similarities need the layer's weights) before the layer is freed; the adapter
   verifies itself on sample tokens in the same pass, layer by layer, as it does on a whole model;
 - `score_plans`: the unpruned stream and one stream per candidate plan (a plan changes the stream
-  from the first layer it prunes on), then the model's head: the KL terms `candidates.py` sums;
+  from the first layer it prunes on), then the model's head: the KL terms `planning/scoring.py` sums;
 - `write_pruned`: each layer is loaded, merged (with calibration data on its streamed inputs, which
   its already-merged predecessors produced), written as a shard and freed.
 
@@ -26,11 +26,11 @@ import torch
 
 from ..adapters import find_moe_layers
 from ..adapters.routing import learnt, observe, sample_ids, verify_layer
-from ..apply import Snapshot, apply_clusters, record_layout
+from ..merging.apply import Snapshot, apply_clusters, record_layout
 from ..calibration.recorder import set_batch
-from ..candidates import kl_terms, reference_of
-from ..fingerprint import router_sha256
-from ..refine import assemble_inputs
+from ..planning.scoring import kl_terms, reference_of
+from ..adapters.fingerprint import router_sha256
+from ..merging.with_data import assemble_inputs
 from .skeleton import REST, Skeleton
 from .stream import capture, experts_inputs, head_logits, run_layer
 from .writer import ShardWriter, write_config

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import GrapeConfigError
+from ..errors import GrapeConfigError, RegistrationError
 from ..stats import ExpertStats
 
 # What a method may ask calibration to record beyond routing counts, weight mass and saliency
 # (always recorded: they come free with the forward pass).
+# A hyperparameter value meaning "measure it" (GRAPE's entropy_tolerance: candidates scored end to end).
+AUTO = "auto"
 NEEDS = frozenset({"similarity", "mean_output", "router_logits", "expert_outputs"})
 
 
@@ -115,12 +117,13 @@ METHODS: dict[str, PruningMethod] = {}
 
 def register_method(method: PruningMethod) -> PruningMethod:
     if not method.name:
-        raise ValueError("A pruning method needs a name.")
+        raise RegistrationError("A pruning method needs a name: set the class attribute `name` (e.g. name = \"my_method\").")
     if method.name in METHODS:
-        raise ValueError(f"Pruning method {method.name!r} is already registered.")
+        raise RegistrationError(f"Pruning method {method.name!r} is already registered; choose another name "
+                                f"(registered: {sorted(METHODS)}).")
     unknown = set(method.needs) - NEEDS
     if unknown:
-        raise ValueError(f"Method {method.name!r} needs unknown statistics {sorted(unknown)}; known: {sorted(NEEDS)}.")
+        raise RegistrationError(f"Method {method.name!r} needs unknown statistics {sorted(unknown)}; known: {sorted(NEEDS)}.")
     METHODS[method.name] = method
     return method
 

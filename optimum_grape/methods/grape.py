@@ -14,8 +14,7 @@ from ..algorithms.budget import uniform_removals
 from ..algorithms.grape import grape_global_merge, greedy_merge_to, greedy_merges
 from ..algorithms.safeguards import layer_caps, super_experts
 from ..algorithms.similarity import cost_kernel
-from ..config import AUTO
-from .base import Candidate, Hyperparameter, PruningMethod
+from .base import AUTO, Candidate, Hyperparameter, PruningMethod
 
 # Gammas planned when entropy_tolerance='auto': from nearly uniform to no entropy bound at all (the
 # layer cap still applies). Each is scored end to end beside the uniform allocation.

@@ -40,7 +40,7 @@ def load(name: str):
 
 def heldout_perplexities(model, tokenizer, max_tokens: int, window: int) -> dict[str, float]:
     """Perplexity on the shipped held-out text per domain, through the `grape_perplexity` module."""
-    from ..loading import heldout_paths
+    from ..checkpoint.load import heldout_paths
 
     paths = heldout_paths()
     result = load("grape_perplexity").compute(predictions=[p.read_text(encoding="utf-8") for p in paths], model=model,

@@ -33,6 +33,6 @@ class GrapeComparison(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/2604.06542"])
 
     def _compute(self, predictions, references, max_ratio=None):
-        from optimum_grape.evaluation import compare_perplexities
+        from optimum_grape.evaluation.perplexity import compare_perplexities
 
         return compare_perplexities(predictions, references, max_ratio=max_ratio)

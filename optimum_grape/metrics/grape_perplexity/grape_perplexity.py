@@ -35,8 +35,8 @@ class GrapePerplexity(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/2604.06542"])
 
     def _compute(self, predictions, model, tokenizer=None, window=256, max_tokens=None, batch_size=8):
-        from optimum_grape.evaluation import text_perplexities
-        from optimum_grape.loading import load_model_and_tokenizer
+        from optimum_grape.evaluation.perplexity import text_perplexities
+        from optimum_grape.checkpoint.load import load_model_and_tokenizer
 
         if isinstance(model, str):
             model, tokenizer = load_model_and_tokenizer(model, tokenizer)

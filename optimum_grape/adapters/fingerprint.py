@@ -28,7 +28,7 @@ def router_sha256(routers: dict[int, torch.Tensor]) -> str | None:
 
 
 def model_fingerprint(model) -> dict:
-    from .adapters import find_moe_layers
+    from . import find_moe_layers
 
     _, layers = find_moe_layers(model)
     return {"model_type": model.config.model_type, "architecture": type(model).__name__,

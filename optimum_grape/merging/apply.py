@@ -1,7 +1,7 @@
 """Applying a `PruningPlan` to a model in place, and recording the new layout in its config.
 
 The only module that changes a model: tensors through the family adapter, counts in the config
-(DESIGN.md decision 4) so that `save_pretrained` writes a checkpoint that loads back. A plan is
+(docs/design.md, "Per-layer counts in config.json") so that `save_pretrained` writes a checkpoint that loads back. A plan is
 applied whole or not at all.
 """
 
@@ -12,11 +12,11 @@ import logging
 
 import torch
 
-from .adapters import MoEAdapter, find_moe_layers
-from .adapters.fused import is_fused_experts, text_config
-from .algorithms.merging import router_weights
-from .plan import PruningPlan
-from .validation import check_plan_fits
+from ..adapters import MoEAdapter, find_moe_layers
+from ..adapters.fused import is_fused_experts, text_config
+from ..algorithms.merging import router_weights
+from ..plan import PruningPlan
+from ..validation import check_plan_fits
 
 logger = logging.getLogger("optimum_grape")
 
@@ -112,7 +112,7 @@ class Snapshot:
 
 def record_layout(model, adapter: MoEAdapter, plan: PruningPlan, pruning_config=None) -> None:
     """Write the per-layer counts into `model.config` so that save/reload rebuilds the same shapes."""
-    from .config import GrapeConfig
+    from ..config import GrapeConfig
 
     config, decoder_config = model.config, text_config(model.config)  # a multimodal model: its text decoder's
     counts = plan.experts_per_layer
@@ -122,7 +122,7 @@ def record_layout(model, adapter: MoEAdapter, plan: PruningPlan, pruning_config=
     config.quantization_config = pruning_config
     num_layers = getattr(decoder_config, "num_hidden_layers", max(counts) + 1)
     config.num_local_experts_per_layer = [counts.get(i) for i in range(num_layers)]
-    if plan.metadata.get("routing_overrides"):  # carried outside quantization_config too (carrier.py)
+    if plan.metadata.get("routing_overrides"):  # carried outside quantization_config too (checkpoint/requantized.py)
         config.grape_routing_overrides = plan.metadata["routing_overrides"]
     distinct = set(counts.values())
     if len(distinct) == 1 and adapter.count_key and not _experts_left_whole(model):

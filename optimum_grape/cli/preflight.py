@@ -1,6 +1,6 @@
 """What `optimum-grape prune` is given, read and checked before the model is loaded: a plan or
 statistics file, `--method-kwargs` and the numbers argparse cannot bound (the base model's location
-is checked by `loading.resolve_base`). Each problem is a GrapeError (exit status 2) that names the
+is checked by `checkpoint.load.resolve_base`). Each problem is a GrapeError (exit status 2) that names the
 value and the fix.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import GrapeError
+from ..errors import GrapeError
 
 
 def read_plan_file(path: str):
-    from .plan import PruningPlan
+    from ..plan import PruningPlan
 
     file = Path(path)
     if not file.is_file():
@@ -26,7 +26,7 @@ def read_plan_file(path: str):
 
 
 def read_stats_file(path: str):
-    from .stats import ExpertStats
+    from ..stats import ExpertStats
 
     if not Path(path).is_file():
         raise GrapeError(f"--stats {path!r} is not a file; pass statistics written by --save-stats.")
@@ -49,3 +49,11 @@ def parse_method_kwargs(text: str | None) -> dict:
 def check_eval_tokens(value: int) -> None:
     if value < 2:
         raise GrapeError(f"--eval-tokens {value} must be an integer >= 2 (perplexity needs two tokens); e.g. 8192.")
+
+
+def parse_number(flag: str, value: str) -> float:
+    """A flag argparse takes as a string because it also accepts a word ('auto', 'none')."""
+    try:
+        return float(value)
+    except ValueError:
+        raise GrapeError(f"{flag} {value!r} is not a number.") from None

@@ -82,7 +82,7 @@ def _same_length_groups(windows: list[torch.Tensor]) -> list[list[torch.Tensor]]
 
 
 def text_token_ids(tokenizer, text: str) -> torch.Tensor:
-    from .calibration.data import encode_text
+    from ..calibration.data import encode_text
 
     return torch.tensor(encode_text(tokenizer, text), dtype=torch.long)
 

@@ -10,10 +10,11 @@ import tempfile
 from pathlib import Path
 
 from .card import base_license, set_repo_id, write_inputs, write_model_card
-from .destinations import check_destination, make_staging_folder, staging_path
-from .errors import CheckpointError
+from .destinations import check_destination
+from .staging import make_staging_folder, staging_path
+from ..errors import CheckpointError
 from .manifest import write_manifest
-from .plan import PruningPlan
+from ..plan import PruningPlan
 
 PLAN_FILE = "grape_plan.json"
 
@@ -22,7 +23,7 @@ def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None =
                  base_model: str | None = None, write_model=None) -> None:
     """`write_model(folder)` writes weights and config instead of `model.save_pretrained` (layer-by-layer
     mode streams them; `plan` is read after it, since applying the plan as it streams completes it)."""
-    from .adapters import get_adapter
+    from ..adapters import get_adapter
 
     if write_model is not None:
         write_model(folder)
@@ -43,7 +44,7 @@ def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None,
                 evaluation=None, base_model: str | None = None, write_model=None) -> Path:
     """Write everything next to the destination first, then move it into place: an interrupted save
     never leaves a half-written checkpoint at `out_dir`. The folder gets a SHA-256 manifest of its
-    weight files (`manifest.py`). `overwrite` replaces only a checkpoint optimum-grape wrote, never
+    weight files (`checkpoint/manifest.py`). `overwrite` replaces only a checkpoint optimum-grape wrote, never
     the folder the model was loaded from (`destinations.check_destination`)."""
     out_dir = Path(out_dir)
     check_destination(out_dir, overwrite, reads=[getattr(model, "name_or_path", None) or None])

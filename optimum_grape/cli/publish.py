@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import GrapeError
+from ..errors import GrapeError
 
 MANIFEST = "publish_manifest.json"
 REFUSED_EXIT = 3
@@ -44,7 +44,7 @@ def _files(folder: Path) -> list[dict]:
 
 
 def _config(args, method: str, ratio: float):
-    from .config import GrapeConfig
+    from ..config import GrapeConfig
 
     fields = dict(method=method, pruning_ratio=ratio, allocation=args.allocation, num_samples=args.num_samples,
                   sequence_length=args.sequence_length, seed=args.seed, dataset=args.dataset,
@@ -53,15 +53,15 @@ def _config(args, method: str, ratio: float):
 
 
 def publish_variant(args, method: str, ratio: float, work_dir: Path) -> dict:
-    from .checkpoint import push_folder
-    from .jobs import run_prune_job
-    from .pruner import GrapePruner
+    from ..checkpoint.save import push_folder
+    from .prune_job import PruneJob, run_prune_job
+    from ..pruner import GrapePruner
 
     name = variant_name(method, ratio)
     repo_id = f"{args.repo_prefix}-{name}"
-    report = run_prune_job(args.base, work_dir / name, GrapePruner(_config(args, method, ratio)), evaluate=True,
-                           eval_tokens=args.eval_tokens, window=args.sequence_length, base_model=args.base_model,
-                           overwrite=args.overwrite)
+    job = PruneJob(base=args.base, output=work_dir / name, evaluate=True, eval_tokens=args.eval_tokens,
+                   window=args.sequence_length, base_model=args.base_model, overwrite=args.overwrite)
+    report = run_prune_job(job, GrapePruner(_config(args, method, ratio)))
     worst = report.comparison["max_ratio"]
     entry = {"variant": name, "repo_id": repo_id, "method": method, "ratio": ratio, "folder": str(report.output),
              "experts_per_layer": list(report.plan.experts_per_layer.values()),
@@ -73,7 +73,7 @@ def publish_variant(args, method: str, ratio: float, work_dir: Path) -> dict:
         entry["reason"] = (f"held-out perplexity ratio {worst:.3f} exceeds --max-ppl-ratio {args.max_ppl_ratio}; "
                            "raise the threshold, lower the ratio or pick another method to publish it")
     elif args.dry_run:
-        from .card import set_repo_id
+        from ..checkpoint.card import set_repo_id
 
         set_repo_id(report.output, repo_id)  # the card as it would be pushed
         entry["status"] = "would push"
@@ -88,7 +88,7 @@ def publish_variant(args, method: str, ratio: float, work_dir: Path) -> dict:
     return entry
 
 
-def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("base", help="model folder, cached Hub id, or 'default'")
     parser.add_argument("--methods", default="grape", help="comma-separated methods (default: grape)")
@@ -113,9 +113,9 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def cmd_publish(args) -> int:
-    from .config import GrapeConfig
-    from .methods import get_method
+def run(args) -> int:
+    from ..config import GrapeConfig
+    from ..methods import get_method
 
     methods, ratios = _list("--methods", args.methods), _list("--ratios", args.ratios, float)
     for method in methods:

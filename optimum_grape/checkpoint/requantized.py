@@ -60,7 +60,7 @@ def _wrap_preprocess_model(original):
     def preprocess_model(self, model, *args, **kwargs):
         layout = None if _is_grape(self.quantization_config) else carried_layout(model.config)
         if layout:
-            from .apply import resize_to_layout
+            from ..merging.apply import resize_to_layout
 
             resize_to_layout(model, layout)
         return original(self, model, *args, **kwargs)

@@ -18,13 +18,13 @@ import logging
 
 import torch
 
-from .adapters import MoEAdapter, MoELayer
-from .algorithms.merging import cluster_weights
+from ..adapters import MoEAdapter, MoELayer
+from ..algorithms.merging import cluster_weights
 
 logger = logging.getLogger("optimum_grape")
 
 
-class _Captured(Exception):
+class _StopAtLayer(Exception):
     """Raised by a capture hook to stop the forward pass once what it wanted is recorded."""
 
 
@@ -47,14 +47,14 @@ def layer_inputs(model, layer: MoELayer, batches: list[torch.Tensor], max_tokens
 
     def hook(module, args, kwargs):
         calls.append((args, kwargs))
-        raise _Captured
+        raise _StopAtLayer
 
     handle = layer.experts.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _Captured:
+            except _StopAtLayer:
                 pass
     finally:
         handle.remove()
@@ -145,7 +145,7 @@ class DataMerger:
 
 def replan_weights(clusters, gates: torch.Tensor, mode: str, routers_mode: str):
     """Merge weights of re-planned clusters from the routing counts on the layer's current inputs."""
-    from .algorithms.merging import router_weights
+    from ..algorithms.merging import router_weights
 
     counts = (gates > 0).double().sum(0)
     return cluster_weights(clusters, counts, mode), router_weights(clusters, routers_mode)

@@ -9,7 +9,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from .errors import GrapeError
+from ..errors import GrapeError
 
 DEFAULT_MODEL = "default"
 
@@ -75,9 +75,6 @@ def load_base(base: str, trust_remote_code: bool, device_map=None):
         raise GrapeError(f"Cannot load a causal LM and its tokenizer from {base!r}.{where} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
-
-# The names the commands, examples and `evaluate` modules use.
-resolve_model = resolve_base
 
 
 def load_model_and_tokenizer(name_or_path: str, tokenizer=None, trust_remote_code: bool = False,

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 MANIFEST_FILE = "grape_manifest.json"
 _CHUNK = 1 << 20

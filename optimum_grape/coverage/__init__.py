@@ -2,5 +2,5 @@
 own modeling files (`discover`), tiny models built from each family's own config class (`tiny`), the
 same checks for every family (`matrix`), and the table and JSON they produce (`report`).
 
-    python -m optimum_grape.coverage --readme README.md
+    python -m optimum_grape.coverage --doc docs/families.md
 """

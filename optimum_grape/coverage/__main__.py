@@ -1,6 +1,6 @@
-"""`python -m optimum_grape.coverage [--out PATH] [--readme README.md] [--only MODULE ...]`: run the
+"""`python -m optimum_grape.coverage [--out PATH] [--doc docs/families.md] [--only MODULE ...]`: run the
 family matrix on the installed transformers, write PATH.json and PATH.md, optionally replace the
-README's family table. Exits 1 if a family fails (refusals are results, not failures)."""
+family table of docs/families.md. Exits 1 if a family fails (refusals are results, not failures)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m optimum_grape.coverage", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/family_matrix"),
                         help="path without suffix for the .json and .md outputs")
-    parser.add_argument("--readme", type=Path, help="replace this README's family table with the result")
+    parser.add_argument("--doc", "--readme", dest="doc", type=Path,
+                        help="replace the family table of this page (docs/families.md) with the result")
     parser.add_argument("--only", nargs="+", help="modeling folders to run (default: every MoE one)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -32,8 +33,8 @@ def main(argv=None) -> int:
     modules = args.only or fused + other_moe_modules()
     results = run_matrix(modules)
     json_path, md_path = write(results, fused, args.out)
-    if args.readme:
-        update_readme(args.readme, render_markdown(results, fused))
+    if args.doc:
+        update_readme(args.doc, render_markdown(results, fused))
     counts = summary(results, fused)
     print(f"{counts['supported']}/{counts['fused_model_types']} fused-expert model types supported, "
           f"{counts['refused']} refused, {counts['failed']} failed; wrote {json_path} and {md_path}")

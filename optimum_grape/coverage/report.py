@@ -1,5 +1,5 @@
-"""The matrix as data and as the README's family table: JSON with the versions it ran on, markdown
-rows per family, and the README section between `<!-- families:begin -->` and `<!-- families:end -->`."""
+"""The matrix as data and as the family table of docs/families.md: JSON with the versions it ran on, markdown
+rows per family, and the page's section between `<!-- families:begin -->` and `<!-- families:end -->`."""
 
 from __future__ import annotations
 

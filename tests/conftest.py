@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import pytest
@@ -45,3 +46,41 @@ def base_folder(tmp_path_factory, tokenizer):
     tiny_model("mixtral").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def ws(tmp_path, base_folder):
+    """A private copy of the base model at tmp_path/ws/base, for tests that watch it for damage."""
+    base = tmp_path / "ws" / "base"
+    shutil.copytree(base_folder, base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def planned(base_folder, tmp_path_factory):
+    """A valid plan (as JSON data) and statistics file for the model in `base_folder`."""
+    from transformers import AutoModelForCausalLM
+
+    from factories import random_token_batches
+    from optimum_grape import GrapeConfig, GrapePruner
+
+    model = AutoModelForCausalLM.from_pretrained(base_folder)
+    pruner = GrapePruner(GrapeConfig(pruning_ratio=0.25, num_samples=8, sequence_length=32, selection_samples=0))
+    stats = pruner.calibrate(model, random_token_batches())
+    path = tmp_path_factory.mktemp("planned") / "stats.safetensors"
+    stats.save(path)
+    return {"plan": pruner.plan(stats).to_dict(), "stats": path}
+
+
+@pytest.fixture(scope="module")
+def pruned_cli(base_folder, tmp_path_factory):
+    """One CLI prune with --evaluate, shared by the tests of a module that read its output."""
+    from helpers import run_cli
+
+    tmp_path = tmp_path_factory.mktemp("cli")
+    out = tmp_path / "pruned"
+    result = run_cli("prune", base_folder, "--output", out, "--ratio", "0.25", "--num-samples", "8",
+                     "--sequence-length", "32", "--evaluate", "--eval-tokens", "256", "--save-stats",
+                     tmp_path / "stats.safetensors", "--base-model", "example-org/tiny-mixtral")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result

@@ -1,11 +1,17 @@
 """Tiny MoE models built from the real transformers config classes, with random weights, and
-helpers to plant redundancy in them. One table drives the family test matrix."""
+helpers to plant redundancy in them. One table drives the family test matrix. Also: a tiny pruned
+model, and constructed statistics with planted structure for the methods' known-answer tests."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import transformers as tf
 from transformers import AutoModelForCausalLM
+
+if TYPE_CHECKING:
+    from optimum_grape.stats import ExpertStats
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, num_experts_per_tok=2)
@@ -119,3 +125,54 @@ def plant_copies(model, layer: int, copies: list[int], source: int | None = None
 def random_token_batches(n: int = 8, length: int = 32, vocab: int = 96, seed: int = 1) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (length,), generator=gen) for _ in range(n)]
+
+
+def pruned_model():
+    """A tiny Mixtral with two experts of every layer merged (no calibration), and its pruner."""
+    from optimum_grape import GrapePruner, PruningPlan
+
+    model, pruner = tiny_model("mixtral"), GrapePruner(pruning_ratio=0.25)
+    plan = PruningPlan(clusters={l: [[0, 1]] + [[e] for e in range(2, 8)] for l in range(4)},
+                       num_experts_before={l: 8 for l in range(4)})
+    pruner.apply(model, plan)
+    return model, pruner
+
+
+# -- constructed statistics: known answers for the methods (tests/methods) --------------------
+ROUTING = {"top_k": 2, "scoring": "softmax", "norm_topk_prob": True}
+
+
+def synthetic_stats(layers=4, experts=8, hidden=6, hot_layer=2, seed=0, tokens=64) -> ExpertStats:
+    """Statistics with planted structure: in `hot_layer`, experts 0-5 produce the same outputs."""
+    from optimum_grape.stats import ExpertStats, LayerStats
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for l in range(layers):
+        outputs = torch.randn(experts, tokens, hidden, generator=gen)
+        if l == hot_layer:
+            outputs[1:6] = outputs[0] + 0.01 * torch.randn(5, tokens, hidden, generator=gen)
+        logits = torch.randn(tokens, experts, generator=gen)
+        flat = outputs.flatten(1)
+        unit = torch.nn.functional.normalize(flat, dim=-1)
+        out[l] = LayerStats(
+            num_experts=experts, floor=2, routing=ROUTING,
+            router_weight=torch.randn(experts, hidden, generator=gen, dtype=torch.float64),
+            tokens=torch.rand(experts, generator=gen, dtype=torch.float64) * 100 + 1,
+            weight_mass=torch.rand(experts, generator=gen, dtype=torch.float64) * 50 + 1,
+            saliency=torch.rand(experts, generator=gen, dtype=torch.float64) + 0.1,
+            similarity=(unit @ unit.T).double(), mean_output=outputs.mean(1).double(),
+            router_logits=logits, expert_outputs=outputs)
+    return ExpertStats(layers=out, metadata={})
+
+
+def plan_for(method, stats=None, **kwargs):
+    from optimum_grape import GrapeConfig, GrapePruner
+
+    kwargs.setdefault("num_experts_to_prune", 4)
+    pruner = GrapePruner(GrapeConfig(method=method, **kwargs))
+    return pruner.plan(stats or synthetic_stats())
+
+
+def kept(plan, layer):
+    return sorted(c[0] for c in plan.clusters[layer])

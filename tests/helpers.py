@@ -1,7 +1,9 @@
-"""Test helpers: the CLI and logits from a checkpoint, each in a fresh Python process."""
+"""Test helpers: the CLI and logits from a checkpoint, each in a fresh Python process; the CLI in this
+process, and the checks that bad input (issue 12) changed nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +72,26 @@ def logits_of_many_in_one_process(folders: list[Path]) -> list[torch.Tensor]:
 @torch.no_grad()
 def logits(model) -> torch.Tensor:
     return model(PROBE).logits
+
+
+def cli_prune(capsys, *args) -> tuple[int, str]:
+    """`optimum-grape prune ARGS` in this process (`cli.main`, what `python -m optimum_grape` calls):
+    its exit status and what it wrote to stderr."""
+    from optimum_grape.cli import main
+
+    code = main(["prune", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def model_unchanged(model, state, counts) -> bool:
+    """`model` holds `state`, its MoE layers have `counts` experts, and its config no pruned layout."""
+    from optimum_grape.adapters import find_moe_layers
+
+    return (all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+            and [l.experts.num_experts for l in find_moe_layers(model)[1]] == counts
+            and getattr(model.config, "quantization_config", None) is None)

@@ -541,6 +541,146 @@ def stage_converted_eval(moe, tokenizer) -> dict:
     return result
 
 
+# -- local healing (one MoE layer at a time, against the dense FFN) --------------
+
+LOCAL = STATE / "local"
+
+
+def local_settings(args) -> dict:
+    return {"windows": args.local_windows, "epochs": args.local_epochs, "lr": args.local_lr,
+            "batch_tokens": args.local_batch_tokens, "balance_coef": args.local_balance_coef, "seed": args.seed}
+
+
+@torch.no_grad()
+def capture_ffn_io(dense, windows: torch.Tensor, folder: Path, batch: int = 16) -> None:
+    """Run the dense model over `windows` and write, for every layer, the FFN's input (after the
+    post-attention norm) and output as float16 .npy files (memory-mapped, so 30 layers of 100k+
+    tokens never sit in memory at once). A `done.json` marks a complete capture."""
+    if (folder / "done.json").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    n, hidden = windows.numel(), dense.config.hidden_size
+    files = {(l, kind): np.lib.format.open_memmap(folder / f"{kind}-{l:02d}.npy", mode="w+", dtype=np.float16,
+                                                  shape=(n, hidden))
+             for l in range(dense.config.num_hidden_layers) for kind in ("x", "y")}
+    cursor = {"at": 0}
+    handles = []
+    for l, layer in enumerate(dense.model.layers):
+        def hook(_module, inputs, output, l=l):
+            rows = slice(cursor["at"], cursor["at"] + inputs[0].shape[0] * inputs[0].shape[1])
+            files[(l, "x")][rows] = inputs[0].reshape(-1, hidden).numpy().astype(np.float16)
+            files[(l, "y")][rows] = output.reshape(-1, hidden).numpy().astype(np.float16)
+        handles.append(layer.mlp.register_forward_hook(hook))
+    try:
+        for s in range(0, len(windows), batch):
+            dense.model(input_ids=windows[s:s + batch], use_cache=False)
+            cursor["at"] += windows[s:s + batch].numel()
+            if (s // batch) % 8 == 0:
+                log(f"  captured {cursor['at']:,} of {n:,} tokens")
+    finally:
+        for h in handles:
+            h.remove()
+    for f in files.values():
+        f.flush()
+    write_json(folder / "done.json", {"tokens": n})
+
+
+def masked_moe(x, router, gate_up, down, top_k: int):
+    """Mixtral's sparse MoE block computed densely: every expert on every token, each weighted by
+    its renormalised top-k routing weight (zero when not routed). The same function and gradients
+    as the sparse block, and fast on a CPU for 16 small experts. Returns (output, logits, top-k)."""
+    logits = x @ router.T
+    probs = F.softmax(logits.float(), dim=-1)
+    top_w, top_i = probs.topk(top_k, dim=-1)
+    weights = torch.zeros_like(probs).scatter(1, top_i, top_w / top_w.sum(-1, keepdim=True))
+    inner = down.shape[-1]
+    h = torch.einsum("th,ekh->tek", x, gate_up)
+    act = F.silu(h[..., :inner]) * h[..., inner:] * weights[..., None]
+    return torch.einsum("tek,ehk->th", act, down), logits, top_i
+
+
+def switch_balance(logits, top_i, num_experts: int, top_k: int) -> torch.Tensor:
+    """One layer's Switch balance loss (1 when balanced), as testbeds/balance.py computes per layer."""
+    probs = F.softmax(logits.float(), dim=-1)
+    share = F.one_hot(top_i, num_experts).float().sum(1).mean(0) / top_k
+    return num_experts * (share * probs.mean(0)).sum()
+
+
+@torch.no_grad()
+def local_fit_report(mlp, x, y, top_k: int) -> dict:
+    out, _, top_i = masked_moe(x, mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj, top_k)
+    share = torch.bincount(top_i.flatten(), minlength=mlp.gate.weight.shape[0]).double() / top_i.numel()
+    return {"rel_err": round(float((out - y).pow(2).sum() / y.pow(2).sum()), 4),
+            "min_share": round(float(share.min()), 4), "max_share": round(float(share.max()), 4)}
+
+
+def heal_layer(mlp, x: torch.Tensor, y: torch.Tensor, top_k: int, settings: dict, seed: int) -> dict:
+    """Train one MoE block (router and experts) to reproduce the dense FFN's output on the dense
+    model's own FFN inputs: mean squared error relative to the target's mean energy, plus the
+    layer's balance loss. The last 5% of tokens (whole windows, never trained on) measure it."""
+    n_val = len(x) // 20
+    x_fit, y_fit, x_val, y_val = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+    before = local_fit_report(mlp, x_val, y_val, top_k)
+    params = [mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj]
+    opt = torch.optim.Adam(params, lr=settings["lr"])
+    bs = settings["batch_tokens"]
+    per_epoch = math.ceil(len(x_fit) / bs)
+    total = settings["epochs"] * per_epoch
+    energy = y_fit.pow(2).sum(-1).mean()
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(settings["epochs"]):
+        for b in torch.randperm(len(x_fit), generator=g).split(bs):
+            lr = settings["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            out, logits, top_i = masked_moe(x_fit[b], *params, top_k)
+            mse = (out - y_fit[b]).pow(2).sum(-1).mean() / energy
+            loss = mse + settings["balance_coef"] * switch_balance(logits, top_i, params[0].shape[0], top_k)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+    return {"before": before, "after": local_fit_report(mlp, x_val, y_val, top_k), "steps": step}
+
+
+def stage_local_heal(dense, moe, train_win, args) -> dict:
+    """Heal every MoE layer on its own against the dense FFN (cheap: one block at a time on cached
+    hidden states), resumable after each layer. Starts from the converted model."""
+    settings = local_settings(args)
+    progress = read_json(LOCAL / "progress.json")
+    if progress and progress["settings"] != settings:
+        raise SystemExit(f"local healing was started with {progress['settings']}, not {settings}; use --fresh")
+    progress = progress or {"settings": settings, "layers": [], "seconds": 0.0, "cpu_seconds": 0.0}
+    if progress["layers"]:
+        load_model(moe, str(LOCAL / "model.safetensors"))
+    if len(progress["layers"]) == moe.config.num_hidden_layers:
+        return progress
+    g = torch.Generator().manual_seed(args.seed * 1000 + 4242)
+    windows = train_win[torch.randperm(len(train_win), generator=g)[:args.local_windows]]
+    t0, c0 = time.time(), time.process_time()
+    log(f"local healing: capturing dense FFN inputs/outputs on {windows.numel():,} train tokens ...")
+    capture_ffn_io(dense, windows, LOCAL / "io")
+    top_k = moe.config.num_experts_per_tok
+    for l in range(len(progress["layers"]), moe.config.num_hidden_layers):
+        t_layer = time.time()
+        x = torch.from_numpy(np.load(LOCAL / "io" / f"x-{l:02d}.npy")).float()
+        y = torch.from_numpy(np.load(LOCAL / "io" / f"y-{l:02d}.npy")).float()
+        rec = {"layer": l, **heal_layer(moe.model.layers[l].mlp, x, y, top_k, settings, args.seed * 100 + l)}
+        rec["seconds"] = round(time.time() - t_layer, 1)
+        progress["layers"].append(rec)
+        log(f"  layer {l:2d}: rel err {rec['before']['rel_err']:.3f} -> {rec['after']['rel_err']:.3f}, shares "
+            f"{rec['after']['min_share']:.3f}-{rec['after']['max_share']:.3f}, {rec['seconds']:.0f}s")
+        progress["seconds"] += time.time() - t0
+        progress["cpu_seconds"] += time.process_time() - c0
+        t0, c0 = time.time(), time.process_time()
+        tmp = LOCAL / "model.tmp.safetensors"
+        save_model(moe, str(tmp))
+        tmp.replace(LOCAL / "model.safetensors")
+        write_json(LOCAL / "progress.json", progress)
+    return progress
+
+
 # -- healing ----------------------------------------------------------------
 
 HEAL = STATE / "heal"
@@ -606,7 +746,17 @@ def distillation_loss(student_logits, teacher_logits) -> torch.Tensor:
 
 def heal_settings(args) -> dict:
     return {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "warmup", "weight_decay", "balance_coef",
-                                          "ce_weight", "seed", "experts", "top_k")}
+                                          "ce_weight", "seed", "experts", "top_k")} | {"local": local_settings(args)}
+
+
+def monitor(moe, calib) -> dict:
+    """Calibration-text perplexity and the worst layer's routing balance on it, logged while healing
+    so that a collapsing layer shows before the run ends."""
+    with count_routing(moe) as counts:
+        ppl = perplexity(moe, calib, window=SEQ_LEN)
+    balance = balance_report(counts)
+    return {"calibration_ppl": round(ppl, 3), "min_share": balance["min_share"],
+            "min_normalised_entropy": balance["min_normalised_entropy"]}
 
 
 def stage_heal(dense, moe, tokenizer, train_win, args) -> dict:
@@ -626,8 +776,8 @@ def stage_heal(dense, moe, tokenizer, train_win, args) -> dict:
         log(f"resumed healing at step {state['step']}")
     calib = calibration_ids(tokenizer)
     if not state["curve"]:
-        state["curve"].append({"step": 0, "calibration_ppl": round(perplexity(moe, calib, window=SEQ_LEN), 3)})
-        log(f"step 0: calibration perplexity {state['curve'][-1]['calibration_ppl']}")
+        state["curve"].append({"step": 0, **monitor(moe, calib)})
+        log(f"step 0: {state['curve'][-1]}")
     top_k = moe.config.num_experts_per_tok
     moe.train()
     t_start, c_start = time.time(), time.process_time()
@@ -671,10 +821,9 @@ def stage_heal(dense, moe, tokenizer, train_win, args) -> dict:
             log(f"step {step}/{args.steps} kd {rec['kd']:.4f} aux {rec['aux']:.4f} lr {lr:.2e} "
                 f"gnorm {rec['grad_norm']:.2f} {wall / step:.1f}s/step")
         if step % args.eval_every == 0 or step == args.steps:
-            ppl = perplexity(moe, calib, window=SEQ_LEN)
+            state["curve"].append({"step": step, **monitor(moe, calib), "elapsed_s": round(wall, 1)})
             moe.train()
-            state["curve"].append({"step": step, "calibration_ppl": round(ppl, 3), "elapsed_s": round(wall, 1)})
-            log(f"step {step}: calibration perplexity {ppl:.3f}")
+            log(f"step {step}: {state['curve'][-1]}")
         if time.time() - last_ckpt > 60 * args.ckpt_minutes or step == args.steps:
             state["train_seconds"], state["train_cpu_seconds"] = elapsed()
             save_heal_checkpoint(moe, opt, state)
@@ -864,7 +1013,8 @@ def parse_args(argv: list[str]):
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--balance-coef", type=float, default=0.02)
+    ap.add_argument("--balance-coef", type=float, default=0.3,
+                    help="weight of the per-layer balance loss (a mean over layers: 0.3 is 0.01 per layer, as in local healing)")
     ap.add_argument("--ce-weight", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -873,7 +1023,13 @@ def parse_args(argv: list[str]):
     ap.add_argument("--ckpt-minutes", type=float, default=5.0)
     ap.add_argument("--max-train-minutes", type=float, default=120.0,
                     help="stop healing after this much training (0: no limit); the brief's 2-hour budget")
-    ap.add_argument("--stop-after", choices=["convert", "heal"], default=None)
+    ap.add_argument("--local-windows", type=int, default=512,
+                    help="train windows of 256 tokens on which each MoE layer is healed against the dense FFN")
+    ap.add_argument("--local-epochs", type=int, default=8, help="epochs of local healing per layer (0: skip)")
+    ap.add_argument("--local-lr", type=float, default=3e-3)
+    ap.add_argument("--local-batch-tokens", type=int, default=2048)
+    ap.add_argument("--local-balance-coef", type=float, default=0.01)
+    ap.add_argument("--stop-after", choices=["convert", "local", "heal"], default=None)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue healing from the latest checkpoint")
     mode.add_argument("--finalize", action="store_true", help="write the model and build.json from the latest checkpoint")
@@ -906,6 +1062,9 @@ def main(argv: list[str]) -> int:
     if args.stop_after == "convert":
         return 0
     moe = load_converted(dense, args)
+    local_state = stage_local_heal(dense, moe, train_win, args) if args.local_epochs else None
+    if args.stop_after == "local":
+        return 0
     # Healing first: the evaluations below do not change it, and it is the long stage.
     if args.finalize:
         heal_state = load_heal_checkpoint(moe, None)

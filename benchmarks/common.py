@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -115,12 +116,14 @@ def cloze_accuracy(model, items: dict[str, dict], batch_size: int = 32) -> dict[
 OLMO_TASKS = ("hellaswag", "piqa", "arc_easy", "winogrande", "boolq")
 
 
-def olmo_task_items(tokenizer, per_task: int = 200, max_len: int = WINDOW) -> dict[str, list[dict]]:
+def olmo_task_items(tokenizer, per_task: int = 200, max_len: int = WINDOW, only=None) -> dict[str, list[dict]]:
+    """The first `per_task` documents of each task (`only`: these tasks), each with its gold answer and
+    one token sequence per answer."""
     root = olmo_requests_dir()
     if root is None:
         return {}
     tasks = {}
-    for task in OLMO_TASKS:
+    for task in only or OLMO_TASKS:
         path = root / task / "rc_0shot" / "requests.jsonl.gz"
         if not path.exists():
             continue
@@ -146,10 +149,19 @@ def olmo_task_items(tokenizer, per_task: int = 200, max_len: int = WINDOW) -> di
 
 @torch.no_grad()
 def olmo_task_accuracy(model, tasks: dict[str, list[dict]], pad_id: int = 0, batch_size: int = 32) -> dict[str, float]:
-    """Log-likelihood of each continuation per character (OLMo's acc_per_char), argmax = answer."""
+    """Accuracy per task (`olmo_task_results`, averaged)."""
+    return {task: sum(hits) / len(hits) for task, hits in olmo_task_results(model, tasks, pad_id, batch_size).items()}
+
+
+@torch.no_grad()
+def olmo_task_results(model, tasks: dict[str, list[dict]], pad_id: int = 0, batch_size: int = 32
+                      ) -> dict[str, list[int]]:
+    """Per task, 1 or 0 for each document: is the answer with the highest log-likelihood per character
+    of its continuation (OLMo's acc_per_char) the gold one. Sequences are batched by length."""
     out = {}
     for task, items in tasks.items():
         flat = [(i, j, s) for i, it in enumerate(items) for j, s in enumerate(it["seqs"])]
+        flat.sort(key=lambda entry: len(entry[2][0]))  # similar lengths together: little padding
         scores: dict[tuple[int, int], float] = {}
         for s in range(0, len(flat), batch_size):
             chunk = flat[s:s + batch_size]
@@ -163,9 +175,8 @@ def olmo_task_accuracy(model, tasks: dict[str, list[dict]], pad_id: int = 0, bat
                 tgt = torch.tensor(ids[L - n_cont:])
                 lp = logp[r, L - n_cont - 1:L - 1].gather(1, tgt[:, None]).sum()
                 scores[(i, j)] = float(lp) / max(1, n_chars)
-        correct = sum(int(max(range(len(it["seqs"])), key=lambda j: scores[(i, j)]) == it["gold"])
-                      for i, it in enumerate(items))
-        out[task] = correct / len(items)
+        out[task] = [int(max(range(len(it["seqs"])), key=lambda j: scores[(i, j)]) == it["gold"])
+                     for i, it in enumerate(items)]
     return out
 
 
@@ -173,3 +184,13 @@ def chance_levels(tasks: dict[str, list[dict]], cloze_options: int = 4) -> dict[
     levels = {task: sum(1 / len(it["seqs"]) for it in items) / len(items) for task, items in tasks.items()}
     levels["cloze"] = 1 / cloze_options
     return levels
+
+
+def binomial_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy of `correct` out of `total` documents."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)

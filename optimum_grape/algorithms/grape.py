@@ -66,6 +66,8 @@ class _LayerState:
         self.uf = UnionFind(n)
         self.count = n
         self.protected = protected
+        self.costly_merges = 0  # merges that count against a layer cap (`grape_global_merge(free_above=...)`)
+        self._peeked: tuple[int, int, float | None] | None = None
 
     @property
     def exhausted(self) -> bool:
@@ -80,6 +82,19 @@ class _LayerState:
         if merged:
             self.count -= 1
         return i, j, s, merged
+
+    def next_merge_similarity(self) -> float | None:
+        """Similarity of the pair `merge_once` would merge next (None when none is left), without
+        processing anything. Cached until the state moves on."""
+        key = (self.next, self.count)
+        if self._peeked is None or self._peeked[:2] != key:
+            found = None
+            for i, j, s in self.pairs[self.next:]:
+                if i not in self.protected and j not in self.protected and self.uf.find(i) != self.uf.find(j):
+                    found = s
+                    break
+            self._peeked = (*key, found)
+        return self._peeked[2]
 
     def merge_once(self) -> tuple[int, int, float] | None:
         """Process pairs until one merges; None if every pair is spent (only protected ones left)."""
@@ -107,8 +122,8 @@ class GlobalAllocation:
 
 def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, int], budget: int,
                        entropy_tolerance: float, groups: dict[int, tuple[int, int]] | None = None,
-                       caps: dict[int, int] | None = None, protected: dict[int, set[int]] | None = None
-                       ) -> GlobalAllocation:
+                       caps: dict[int, int] | None = None, protected: dict[int, set[int]] | None = None,
+                       free_above: float | None = None) -> GlobalAllocation:
     """Algorithm 1: spend one global budget of merges where layer redundancy R^l is highest.
 
     A layer whose merge drops the allocation entropy below E_0 (1 - gamma) is frozen; when every
@@ -116,7 +131,11 @@ def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, 
     layer index and the lowest (i, j).
 
     `caps[l]` bounds how many experts layer l may lose (the paper has no such bound; without it a
-    few very redundant layers can absorb the whole budget). `protected[l]` are experts never merged.
+    few very redundant layers can absorb the whole budget). A merge whose similarity is at least
+    `free_above` (a merge that costs nothing: exact or near copies) is made before any other, in
+    whichever layer it is, and does not count against the cap: neither the cap nor the redundancy
+    ranking ever forces a costly merge while a free one is left. `protected[l]` are experts never
+    merged.
 
     `groups[l] = (n_group, min_grouped)` marks a group-limited router (DeepSeek-V3): such a layer,
     once chosen, merges n_group pairs at once so its count stays a multiple of n_group, and not below
@@ -125,7 +144,7 @@ def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, 
     """
     num_experts = {l: s.shape[0] for l, s in similarities.items()}
     caps = {l: min(caps.get(l, n), n - floors[l]) if caps else n - floors[l] for l, n in num_experts.items()}
-    check_budget(num_experts, {l: n - caps[l] for l, n in num_experts.items()}, budget)
+    check_budget(num_experts, floors, budget)
     protected = protected or {}
     states = {l: _LayerState(similarities[l], frozenset(protected.get(l, ()))) for l in sorted(similarities)}
     entropy_before = _entropy(list(num_experts.values()))
@@ -135,8 +154,14 @@ def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, 
     groups = groups or {}
 
     def room(l: int) -> int:
-        """Merges layer l may still make: its cap, and nothing once its pairs are spent."""
-        return 0 if states[l].exhausted else caps[l] - (num_experts[l] - states[l].count)
+        """Merges layer l may still make: its cap (free merges aside), and nothing once its pairs are spent."""
+        state = states[l]
+        upcoming = state.next_merge_similarity()
+        if upcoming is None:
+            return 0
+        if free_above is not None and upcoming >= free_above:
+            return state.count - floors[l]
+        return max(0, min(caps[l] - state.costly_merges, state.count - floors[l]))
 
     def step_of(l: int, merges_left: int) -> int:
         """Merges one selection of layer l makes: n_group for a grouped layer that can stay grouped."""
@@ -155,19 +180,26 @@ def grape_global_merge(similarities: dict[int, torch.Tensor], floors: dict[int, 
             mergeable = list(steps)
         if not mergeable:
             raise BudgetError(f"GRAPE could merge only {budget - merges_left} of {budget} experts: every other pair "
-                              "touches a protected (super) expert. Lower the budget or set "
-                              "protect_super_experts=False.")
-        candidates = [l for l in mergeable if l not in frozen]
-        if not candidates:
-            frozen.clear()
-            result.restarts += 1
-            candidates = mergeable
-        layer = max(candidates, key=lambda l: (states[l].redundancy, -l))
+                              "touches a protected (super) expert or a layer at its cap. Lower the budget, raise "
+                              "layer_cap or set protect_super_experts=False.")
+        free = [l for l in mergeable if free_above is not None
+                and (states[l].next_merge_similarity() or float("-inf")) >= free_above]
+        if free:  # a merge that costs nothing is spent first, wherever it is, whatever the redundancy
+            layer = max(free, key=lambda l: (states[l].next_merge_similarity(), -l))
+        else:
+            candidates = [l for l in mergeable if l not in frozen]
+            if not candidates:
+                frozen.clear()
+                result.restarts += 1
+                candidates = mergeable
+            layer = max(candidates, key=lambda l: (states[l].redundancy, -l))
         target = states[layer].count - steps[layer]
         while states[layer].count > target:
             merge = states[layer].merge_once()
             if merge is None:
                 break
+            if free_above is None or merge[2] < free_above:
+                states[layer].costly_merges += 1
             merges_left -= 1
             result.merge_order.append((layer, *merge))
         if _entropy([st.count for st in states.values()]) < threshold:

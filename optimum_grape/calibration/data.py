@@ -1,12 +1,20 @@
 """Calibration data: from whatever the user has (strings, a text file, a `datasets` folder or
-object, token ids) to fixed-length batches of token ids. Packing documents into full windows means
-no padding, so every recorded token is a real one."""
+object, token ids) to fixed-length windows of token ids. Packing documents into full windows means
+no padding, so every recorded token is a real one.
+
+Sampling (`sample_windows`): documents are visited in a seeded random order, so a file ordered by
+domain (or a dataset in document order) is calibrated on all of it, not on its first domain; they
+are tokenized one at a time until the calibration windows are full, and the windows held aside to
+score candidate plans come from the documents after those, which calibration never saw. Only the
+documents needed are tokenized. A document of a text file is a block separated by a blank line; of
+a list or `datasets.Dataset`, one item."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -106,22 +114,6 @@ def warn_if_little_data(num_tokens: int, layers) -> None:
             MIN_ROUTED_PER_EXPERT)
 
 
-def _texts_of(data: Any) -> list[str] | None:
-    if isinstance(data, str):
-        return [data]
-    column_names = getattr(data, "column_names", None)
-    if column_names is not None:
-        if "text" not in column_names:
-            raise CalibrationDataError(
-                f"The calibration Dataset has columns {column_names}; it needs a 'text' column "
-                "(or pass token ids instead)."
-            )
-        return [t for t in data["text"] if t]
-    if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
-        return list(data)
-    return None
-
-
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of `text` without special tokens. Long documents are expected here (we pack them
     into windows ourselves), so fast tokenizers are called directly, without transformers' warning
@@ -132,57 +124,119 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def token_stream(data: Any, tokenizer=None) -> torch.Tensor:
-    """All calibration tokens as one 1-D LongTensor, documents joined by the tokenizer's EOS."""
+def documents_of(data: Any) -> Sequence:
+    """The documents of calibration data, each a string or a token-id tensor, read lazily where the
+    source allows it (a `datasets.Dataset` row by row)."""
     check_data_type(data)
-    texts = _texts_of(data)
-    if texts is not None:
+    if isinstance(data, str):
+        return [data]
+    column_names = getattr(data, "column_names", None)
+    if column_names is not None:
+        if "text" not in column_names:
+            raise CalibrationDataError(
+                f"The calibration Dataset has columns {column_names}; it needs a 'text' column "
+                "(or pass token ids instead)."
+            )
+        return _DatasetTexts(data)
+    items = list(data) if isinstance(data, Iterable) else []
+    if not items:
+        raise CalibrationDataError("Calibration data is empty: give at least one non-empty text or token sequence.")
+    return items
+
+
+class _DatasetTexts(Sequence):
+    """A dataset's 'text' column, one row at a time (a large dataset is never read whole)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        text = self.dataset[int(index)]["text"]
+        if not isinstance(text, str):
+            raise CalibrationDataError(f"The calibration Dataset's 'text' column holds {type(text).__name__} values "
+                                       f"(row {index}: {str(text)[:40]!r}); it must hold strings.")
+        return text
+
+
+def document_ids(document, tokenizer) -> torch.Tensor:
+    """Token ids of one document, followed by the tokenizer's EOS when it is text."""
+    if isinstance(document, str):
         if tokenizer is None:
             raise CalibrationDataError(
                 "Calibration data is text but no tokenizer was given: pass tokenizer=AutoTokenizer.from_pretrained(...) "
                 "or give token ids (an iterable of LongTensors)."
             )
         sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids: list[int] = []
-        for text in texts:
-            ids.extend(encode_text(tokenizer, text) + sep)
-        return torch.tensor(ids, dtype=torch.long)
-    pieces = []
-    for item in data if isinstance(data, Iterable) else []:
-        tensor = torch.as_tensor(item)
-        if tensor.dtype not in (torch.int64, torch.int32) or tensor.dim() > 2:
-            raise CalibrationDataError(
-                f"Calibration items must be strings or integer token-id tensors of 1 or 2 dims; got {tensor.dtype} "
-                f"with shape {tuple(tensor.shape)}."
-            )
-        pieces.append(tensor.long().flatten())
-    if not pieces:
+        return torch.tensor(encode_text(tokenizer, document) + sep if document else [], dtype=torch.long)
+    tensor = torch.as_tensor(document)
+    if tensor.dtype not in (torch.int64, torch.int32) or tensor.dim() > 2:
+        raise CalibrationDataError(
+            f"Calibration items must be strings or integer token-id tensors of 1 or 2 dims; got {tensor.dtype} "
+            f"with shape {tuple(tensor.shape)}."
+        )
+    return tensor.long().flatten()
+
+
+def token_stream(data: Any, tokenizer=None) -> torch.Tensor:
+    """All calibration tokens in document order as one 1-D LongTensor, documents of text joined by
+    the tokenizer's EOS."""
+    pieces = [document_ids(doc, tokenizer) for doc in documents_of(data)]
+    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    if stream.numel() == 0:
         raise CalibrationDataError("Calibration data is empty: give at least one non-empty text or token sequence.")
-    return torch.cat(pieces)
+    return stream
 
 
-def calibration_windows(data: Any, tokenizer=None, sequence_length: int = 256) -> torch.Tensor:
-    """Every full window of `sequence_length` tokens of the token stream, [N, L] (the stream itself
-    when it is shorter than one window)."""
-    stream = token_stream(data, tokenizer)
-    if stream.numel() < 2:
-        raise CalibrationDataError(f"Calibration data has {stream.numel()} token(s); at least 2 are needed.")
-    length = min(sequence_length, stream.numel())
-    return stream[: (stream.numel() // length) * length].view(-1, length)
+@dataclass
+class CalibrationSample:
+    """What calibration records (`windows`) and what scores candidate plans (`held_aside`)."""
+
+    windows: torch.Tensor  # [n, L]
+    held_aside: torch.Tensor  # [m, L]
+    held_aside_unseen: bool  # drawn from documents calibration did not use
+    documents_used: int
+    documents_total: int
+
+
+def sample_windows(data: Any, tokenizer=None, sequence_length: int = 256, num_samples: int = 64,
+                   held_aside: int = 0, seed: int = 0) -> CalibrationSample:
+    """`num_samples` windows of `sequence_length` tokens packed from documents in a seeded random order,
+    then up to `held_aside` windows packed from the documents after them. When no document is left
+    for those, the last calibration windows are held aside instead (`held_aside_unseen` False)."""
+    documents = documents_of(data)
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
+    groups: list[list[torch.Tensor]] = [[], []]
+    wanted = [num_samples, held_aside]
+    used, buffer, stage = 0, torch.zeros(0, dtype=torch.long), 0
+    for index in order:
+        if stage == 1 and held_aside <= 0:
+            break
+        ids = document_ids(documents[index], tokenizer)
+        used += 1
+        buffer = torch.cat([buffer, ids])
+        while buffer.numel() >= sequence_length and len(groups[stage]) < wanted[stage]:
+            groups[stage].append(buffer[:sequence_length])
+            buffer = buffer[sequence_length:]
+        if len(groups[stage]) >= wanted[stage]:
+            if stage == 1:
+                break
+            stage, buffer = 1, torch.zeros(0, dtype=torch.long)  # the rest of this document is not held aside
+    if not groups[0]:
+        if stage == 0 and buffer.numel() >= 2:  # less than one window of data: the stream itself
+            groups[0] = [buffer]
+        else:
+            raise CalibrationDataError(f"Calibration data has {buffer.numel()} token(s); at least 2 are needed.")
+    windows = torch.stack(groups[0])
+    unseen = bool(groups[1])
+    aside = torch.stack(groups[1]) if unseen else windows[-held_aside:] if held_aside > 0 else windows[:0]
+    return CalibrationSample(windows=windows, held_aside=aside, held_aside_unseen=unseen or held_aside <= 0,
+                             documents_used=used, documents_total=len(documents))
 
 
 def calibration_batches(data: Any, tokenizer=None, num_samples: int = 64, sequence_length: int = 256,
-                        batch_size: int = 8) -> list[torch.Tensor]:
-    """Fixed-length windows of the token stream, at most `num_samples`, grouped in batches."""
-    return list(calibration_windows(data, tokenizer, sequence_length)[:num_samples].split(batch_size))
-
-
-def held_aside(windows: torch.Tensor, num_samples: int, count: int) -> tuple[torch.Tensor, bool]:
-    """`count` windows for scoring candidate plans: those right after the `num_samples` used for
-    statistics when the data has them (unseen by calibration), else its last windows, which then
-    overlap calibration (second value True)."""
-    if count <= 0:
-        return windows[:0], False
-    if windows.shape[0] >= num_samples + count:
-        return windows[num_samples:num_samples + count], False
-    return windows[-count:], True
+                        batch_size: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    """The calibration windows `GrapePruner` records (`sample_windows`), grouped in batches."""
+    return list(sample_windows(data, tokenizer, sequence_length, num_samples, 0, seed).windows.split(batch_size))

@@ -1,6 +1,6 @@
 """Registered pruning methods. Adding one: docs/methods.md, 'Adding a method'."""
 
-from .base import (AUTO, METHODS, NEEDS, Hyperparameter, PruningMethod, attach_dropped, get_method, list_methods,
+from .base import (AUTO, METHODS, Candidate, NEEDS, Hyperparameter, PruningMethod, attach_dropped, get_method, list_methods,
                    register_method, resolve_allocation, resolve_merge)
 from .baselines import EnumerateMethod, FrequencyMethod, LocalMergeMethod, RandomMethod, ReapMethod, RouterMergeMethod
 from .cprune import CPruneMethod
@@ -10,5 +10,5 @@ for _method in (GrapeMethod(), CPruneMethod(), FrequencyMethod(), ReapMethod(), 
                 LocalMergeMethod(), EnumerateMethod(), RandomMethod()):
     register_method(_method)
 
-__all__ = ["AUTO", "METHODS", "NEEDS", "Hyperparameter", "PruningMethod", "attach_dropped", "get_method", "list_methods",
+__all__ = ["AUTO", "METHODS", "Candidate", "NEEDS", "Hyperparameter", "PruningMethod", "attach_dropped", "get_method", "list_methods",
            "register_method", "resolve_allocation", "resolve_merge"]

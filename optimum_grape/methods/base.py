@@ -26,6 +26,7 @@ class Candidate:
     name: str
     clusters: dict[int, list[list[int]]]
     metadata: dict = field(default_factory=dict)
+    merge: str | None = None  # how its clusters become experts; None: the configured merge
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class PruningMethod:
     default_merge: str = "drop"
     merges: tuple[str, ...] = ("weighted", "saliency", "drop")
     default_router: str = "representative"
+    # Merges tried on every candidate when the config leaves `merge` unset and candidates are scored
+    # end to end (the method's default first); one entry: no choice.
+    merge_choices: tuple[str, ...] = ()
     reference: str = ""
     # The keys this method reads from GrapeConfig.method_kwargs; any other key is refused.
     hyperparameters: dict[str, Hyperparameter] = {}

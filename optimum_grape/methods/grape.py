@@ -16,9 +16,15 @@ from ..algorithms.safeguards import layer_caps, super_experts
 from ..algorithms.similarity import cost_kernel
 from .base import AUTO, Candidate, Hyperparameter, PruningMethod
 
-# Gammas planned when entropy_tolerance='auto': from nearly uniform to no entropy bound at all (the
-# layer cap still applies). Each is scored end to end beside the uniform allocation.
+# Gammas planned when entropy_tolerance='auto': from nearly uniform to no entropy bound at all. Each
+# is planned with and without the layer cap and scored end to end beside the uniform allocation.
 AUTO_GAMMAS = (0.01, 0.03, 0.1, 0.3, 1.0)
+# The global plan used when candidates cannot be scored (`plan(stats)` without a model): the gamma
+# the end-to-end choice picked most often on the benchmark testbeds (docs/methods.md, "Presets").
+UNSCORED_GAMMA = 0.03
+# A merge whose cost kernel is at least this (a cost below 1% of the model's median merge cost: exact
+# or near copies) is free: it does not count against the layer cap.
+FREE_MERGE = 0.99
 
 
 def end_to_end_costs(stats) -> dict[int, torch.Tensor]:
@@ -42,6 +48,7 @@ class GrapeMethod(PruningMethod):
     needs = frozenset({"similarity"})
     default_allocation = "global"
     default_merge = "weighted"
+    merge_choices = ("weighted", "drop")
     reference = "GRAPE, arXiv 2604.06542"
     hyperparameters = {"gammas": Hyperparameter("gammas planned and scored when entropy_tolerance='auto'", 0.0, 1.0,
                                                 many=True)}
@@ -77,11 +84,12 @@ class GrapeMethod(PruningMethod):
         return {l: greedy_merge_to(sims[l], stats.num_experts[l] - removals[l], set(protected.get(l, ())))
                 for l in sims}
 
-    def _global(self, stats, sims, protected, budget, floors, gamma, config):
+    def _global(self, stats, sims, protected, budget, floors, gamma, config, capped: bool = True):
         groups = {l: (s.routing.get("n_group", 1), s.routing.get("min_grouped", 0)) for l, s in stats.layers.items()
                   if s.routing.get("n_group", 1) > 1}
-        caps = layer_caps(stats.num_experts, floors, budget, config.layer_cap)
-        result = grape_global_merge(sims, floors, budget, gamma, groups, caps, protected)
+        caps = layer_caps(stats.num_experts, floors, budget, config.layer_cap if capped else None)
+        free = FREE_MERGE if stats.metadata.get("similarity") == "merge_cost" else None
+        result = grape_global_merge(sims, floors, budget, gamma, groups, caps, protected, free_above=free)
         meta = {"entropy_tolerance": gamma, "restarts": result.restarts, "entropy_before": result.entropy_before,
                 "entropy_after": result.entropy_after, "entropy_threshold": result.entropy_threshold,
                 "layer_caps": {str(l): c for l, c in caps.items()},
@@ -101,10 +109,10 @@ class GrapeMethod(PruningMethod):
     def cluster(self, stats, budget, floors, allocation, config):
         sims, protected = self._inputs(stats, config)
         meta = self._shared_metadata(sims, protected)
-        if allocation == "uniform" or config.entropy_tolerance == AUTO:
-            # 'auto' without a model to score candidates on: the uniform candidate (GrapePruner says so).
+        if allocation == "uniform":
             return self._uniform(stats, sims, protected, budget, floors), meta
-        clusters, extra = self._global(stats, sims, protected, budget, floors, float(config.entropy_tolerance), config)
+        gamma = UNSCORED_GAMMA if config.entropy_tolerance == AUTO else float(config.entropy_tolerance)
+        clusters, extra = self._global(stats, sims, protected, budget, floors, gamma, config)
         return clusters, {**meta, **extra}
 
     def candidates(self, stats, budget, floors, allocation, config):
@@ -114,10 +122,20 @@ class GrapeMethod(PruningMethod):
         shared = {**self._shared_metadata(sims, protected),
                   "layer_caps": {str(l): c for l, c in layer_caps(stats.num_experts, floors, budget,
                                                                    config.layer_cap).items()}}
-        out = [Candidate("uniform", self._uniform(stats, sims, protected, budget, floors),
-                         {**shared, "allocation_rule": "uniform"})]
+        out: list[Candidate] = []
+
+        def add(name: str, clusters, meta: dict) -> None:
+            # Equal plans are scored once; the uniform allocation is always scored, as the reference.
+            if name == "uniform" or all(clusters != c.clusters for c in out):
+                out.append(Candidate(name, clusters, {**shared, **meta}))
+
+        def add_global(gamma: float, capped: bool) -> None:
+            clusters, meta = self._global(stats, sims, protected, budget, floors, float(gamma), config, capped)
+            add(f"gamma={gamma:g}" + ("" if capped else ", no cap"), clusters, {**meta, "allocation_rule": "global"})
+
+        add_global(UNSCORED_GAMMA, True)  # the fallback first: what is used when no model scores them
+        add("uniform", self._uniform(stats, sims, protected, budget, floors), {"allocation_rule": "uniform"})
         for gamma in config.method_kwargs.get("gammas", AUTO_GAMMAS):
-            clusters, meta = self._global(stats, sims, protected, budget, floors, float(gamma), config)
-            if all(clusters != c.clusters for c in out):  # equal plans are scored once
-                out.append(Candidate(f"gamma={gamma:g}", clusters, {**shared, **meta, "allocation_rule": "global"}))
+            for capped in (True, False) if config.layer_cap is not None else (True,):
+                add_global(gamma, capped)
         return out

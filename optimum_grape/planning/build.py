@@ -17,7 +17,7 @@ from ..config import GrapeConfig
 from ..errors import GrapeError
 from ..adapters.fingerprint import stats_fingerprint
 from ..merging.with_data import replan_weights
-from ..methods import PruningMethod
+from ..methods import Candidate, PruningMethod
 from ..plan import PruningPlan
 from ..stats import ExpertStats
 from .scoring import SCORE_METRIC, score_plans
@@ -35,9 +35,8 @@ class Planner:
     def floors(self, stats: ExpertStats) -> dict[int, int]:
         return {l: max(s.floor, self.config.min_experts_per_layer) for l, s in stats.layers.items()}
 
-    @property
-    def align_neurons(self) -> bool:
-        return self.config.align_neurons and self.merge != "drop"
+    def align_neurons(self, merge: str | None = None) -> bool:
+        return self.config.align_neurons and (merge or self.merge) != "drop"
 
     # -- the plan ---------------------------------------------------------------------------------
     def plan(self, stats: ExpertStats, model=None, selection_batches=(), selection_overlaps: bool = False
@@ -52,6 +51,11 @@ class Planner:
         budget = self.config.budget_for(sum(stats.num_experts.values()))
         check_budget(stats.num_experts, floors, budget)
         options = self.method.candidates(stats, budget, floors, self.allocation, self.config)
+        scorable = model is not None and bool(selection_batches)
+        if options is not None and scorable and self.config.merge is None and len(self.method.merge_choices) > 1:
+            # The merge is chosen end to end like the allocation: every candidate with each merge.
+            options = [Candidate(c.name + ("" if merge == self.merge else f", merge={merge}"), c.clusters, c.metadata,
+                                 merge) for c in options for merge in self.method.merge_choices]
         if options is None:
             raw, metadata = self.method.cluster(stats, budget, floors, self.allocation, self.config)
             plan = self.build(stats, raw, metadata, floors, budget)
@@ -60,21 +64,23 @@ class Planner:
         plan.model_fingerprint = stats_fingerprint(stats)  # applying it to another model is refused
         return plan
 
-    def build(self, stats: ExpertStats, raw, metadata: dict, floors: dict[int, int], budget: int) -> PruningPlan:
+    def build(self, stats: ExpertStats, raw, metadata: dict, floors: dict[int, int], budget: int,
+              merge: str | None = None) -> PruningPlan:
+        merge = merge or self.merge
         metadata = dict(metadata)
         chosen = {int(l): list(r) for l, r in metadata.pop("representatives", {}).items()}
         clusters, weights, routers = {}, {}, {}
         for l in sorted(raw):
             clusters[l] = self.ordered(stats, l, raw[l], chosen)
-            weights[l] = self.merge_weights(stats, l, clusters[l])
+            weights[l] = self.merge_weights(stats, l, clusters[l], merge)
             routers[l] = router_weights(clusters[l], self.router)
-        metadata = {"allocation": self.allocation, "merge": self.merge, "budget": budget,
+        metadata = {"allocation": self.allocation, "merge": merge, "budget": budget,
                     "similarity": self.config.similarity if "similarity" in self.method.needs else None,
                     "entropy_tolerance": self.config.entropy_tolerance, "floors": {str(k): v for k, v in floors.items()},
                     "calibration": stats.metadata, **metadata}
         plan = PruningPlan(clusters=clusters, num_experts_before=stats.num_experts, merge_weights=weights,
                            router_weights=routers, method=self.method.name, router=self.router,
-                           align_neurons=self.align_neurons, metadata=metadata)
+                           align_neurons=self.align_neurons(merge), metadata=metadata)
         if plan.num_removed != budget:
             raise GrapeError(f"Method {self.method.name!r} removed {plan.num_removed} experts, not the budget {budget}.")
         for layer, kept in plan.experts_per_layer.items():
@@ -89,17 +95,21 @@ class Planner:
         priority[chosen.get(layer, [])] += float(priority.abs().sum()) + 1.0
         return order_clusters(raw, priority)
 
-    def merge_weights(self, stats: ExpertStats, layer: int, clusters) -> list[list[float]]:
+    def merge_weights(self, stats: ExpertStats, layer: int, clusters, merge: str | None = None) -> list[list[float]]:
+        merge = merge or self.merge
         st = stats.layers[layer]
-        mass = st.tokens * st.saliency if self.merge == "saliency" else st.tokens  # REAM: saliency-weighted
-        return self.method.merge_weights(layer, stats, clusters, self.merge, self.config) or \
-            cluster_weights(clusters, mass, "weighted" if self.merge == "saliency" else self.merge)
+        mass = st.tokens * st.saliency if merge == "saliency" else st.tokens  # REAM: saliency-weighted
+        return self.method.merge_weights(layer, stats, clusters, merge, self.config) or \
+            cluster_weights(clusters, mass, "weighted" if merge == "saliency" else merge)
 
     # -- end to end -------------------------------------------------------------------------------
     def choose(self, stats: ExpertStats, options, floors, budget, model, selection_batches, overlaps: bool
                ) -> PruningPlan:
-        plans = [self.build(stats, c.clusters, {**c.metadata, "candidate": c.name}, floors, budget) for c in options]
-        scored = model is not None and bool(selection_batches) and len(plans) > 1
+        scored = model is not None and bool(selection_batches) and len(options) > 1
+        if not scored:  # only the fallback is used: build nothing else
+            options = options[:1]
+        plans = [self.build(stats, c.clusters, {**c.metadata, "candidate": c.name}, floors, budget, c.merge)
+                 for c in options]
         if scored:
             tokens = sum(b.numel() for b in selection_batches)
             logger.info("GRAPE: scoring %d candidate plans by KL to the unpruned model on %d held-aside tokens",
@@ -110,16 +120,20 @@ class Planner:
         else:
             scores, best = [None] * len(plans), 0
             why = "no model given to plan()" if model is None else "no held-aside calibration windows"
-            logger.warning("GRAPE: %d candidate plans not scored (%s): using the %r candidate. Pass the model to "
-                           "GrapePruner.plan(stats, model) to choose end to end.", len(plans), why, options[0].name)
+            logger.warning("GRAPE: candidate plans not scored (%s): using the %r candidate, the method's fallback. "
+                           "Pass the model to GrapePruner.plan(stats, model) to choose end to end.", why,
+                           options[0].name)
             selection = {"metric": None, "not_scored_because": why}
         plan = plans[best]
         plan.metadata["candidates"] = [
             {"name": c.name, "experts_per_layer": list(p.experts_per_layer.values()), "score": s,
-             "entropy_tolerance": c.metadata.get("entropy_tolerance")} for c, p, s in zip(options, plans, scores)]
+             "entropy_tolerance": c.metadata.get("entropy_tolerance"), "merge": p.metadata["merge"]}
+            for c, p, s in zip(options, plans, scores)]
         plan.metadata["selection"] = {**selection, "chosen": options[best].name}
         if scored:
-            logger.info("GRAPE: chose %s (KL %.5f; uniform %.5f)", options[best].name, scores[best], scores[0])
+            uniform = next((s for c, s in zip(options, scores) if c.name == "uniform"), None)
+            logger.info("GRAPE: chose %s (KL %.5f%s)", options[best].name, scores[best],
+                        "" if uniform is None else f"; uniform {uniform:.5f}")
         return plan
 
     def measure_sensitivity(self, model, stats: ExpertStats, selection_batches) -> None:
@@ -136,7 +150,7 @@ class Planner:
             plans.append(PruningPlan(clusters={l: clusters}, num_experts_before={l: stats.num_experts[l]},
                                      merge_weights={l: self.merge_weights(stats, l, clusters)},
                                      router_weights={l: router_weights(clusters, self.router)}, method=self.method.name,
-                                     router=self.router, align_neurons=self.align_neurons,
+                                     router=self.router, align_neurons=self.align_neurons(),
                                      metadata={"candidate": f"probe layer {l}"}))
         start = time.perf_counter()
         scores = score_plans(model, plans, selection_batches)
@@ -151,6 +165,7 @@ class Planner:
         """Re-plans one layer on its current inputs with the method's own per-layer rule (sequential)."""
         protected = {int(l): set(e) for l, e in (plan.metadata.get("super_experts") or {}).items()}
         config = self.config
+        merge = plan.metadata.get("merge") or self.merge
 
         def replan(index, adapter, layer, hidden, gates):
             rows = torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(config.seed))
@@ -162,8 +177,8 @@ class Planner:
                 raise GrapeError(f"Method {self.method.name!r} cannot re-plan one layer: set sequential=False.")
             counts = (gates > 0).double().sum(0).cpu()
             clusters = order_clusters(raw, counts)
-            weights, routers = replan_weights(clusters, gates.cpu(), "weighted" if self.merge == "saliency"
-                                              else self.merge, self.router)
+            weights, routers = replan_weights(clusters, gates.cpu(), "weighted" if merge == "saliency" else merge,
+                                              self.router)
             return clusters, weights, routers
 
         return replan

@@ -113,3 +113,23 @@ def test_global_merge_respects_caps_and_never_merges_protected_experts():
     assert all(len(c) >= 5 for c in capped.clusters.values())
     assert sum(8 - len(c) for c in capped.clusters.values()) == 8
     assert [0] in capped.clusters[2] and [5] in capped.clusters[2]
+
+
+def test_free_merges_come_first_and_do_not_count_against_the_cap():
+    """A layer holding copies (similarity 1) merges them whatever the cap and the other layers'
+    redundancy; only costly merges count against the cap."""
+    gen = torch.Generator().manual_seed(1)
+    sims = {l: (lambda s: (s + s.T) / 2)(0.5 + 0.4 * torch.rand(8, 8, generator=gen, dtype=torch.float64))
+            for l in range(4)}
+    for i in range(4):
+        for j in range(4):
+            sims[2][i, j] = 1.0  # experts 0-3 of layer 2: free merges
+    sims[3] = sims[3] * 0 + 0.98  # layer 3 looks the most redundant in total, but no merge of it is free
+    sims[3].fill_diagonal_(1.0)
+    floors, caps = {l: 2 for l in sims}, {l: 1 for l in sims}
+    capped = grape_global_merge(sims, floors, 3, 1.0, caps=caps)
+    assert len(capped.clusters[2]) == 7  # without free_above the cap stops the copies at one merge
+    free = grape_global_merge(sims, floors, 5, 1.0, caps=caps, free_above=0.99)
+    assert [m[0] for m in free.merge_order[:3]] == [2, 2, 2]  # with it the free merges come first
+    assert len(free.clusters[2]) == 5 and sum(8 - len(c) for c in free.clusters.values()) == 5
+    assert all(8 - len(c) <= 1 for l, c in free.clusters.items() if l != 2)  # costly merges obey the cap

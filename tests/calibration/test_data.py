@@ -83,3 +83,60 @@ def test_a_tiny_calibration_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="optimum_grape"):
         pruner.calibrate(tiny_model("mixtral"), [torch.arange(4)])
     assert "Calibration has only 4 tokens" in caplog.text
+
+
+# -- sampling: documents in a seeded random order, held-aside windows from unused documents ---------
+DOMAINS = {"bible": "And the king said unto them, Go ye into the land and possess it.",
+           "python": "Return a new sorted list from the items in iterable; key specifies a function.",
+           "sotu": "The Congress and the President shall work together for the people of the nation."}
+
+
+def test_windows_cover_every_domain_of_a_file_ordered_by_domain(tmp_path, tokenizer):
+    """A calibration file holding 40 documents of one domain, then 40 of the next: the first windows of
+    the token stream would all be `bible`; the sampled ones cover every domain, for any seed."""
+    from optimum_grape.calibration.data import load_calibration_data, sample_windows
+
+    path = tmp_path / "ordered.txt"
+    path.write_text("\n\n".join(text for text in DOMAINS.values() for _ in range(40)) + "\n", encoding="utf-8")
+    data = load_calibration_data(str(path))
+    for seed in (0, 1, 2):
+        sample = sample_windows(data, tokenizer, sequence_length=32, num_samples=32, held_aside=0, seed=seed)
+        text = tokenizer.decode(sample.windows.flatten().tolist()).replace(" ", "").replace("Ġ", "")
+        assert all(marker in text for marker in ("king", "sorted", "Congress")), (seed, text[:200])
+        assert sample.documents_used < sample.documents_total  # only what calibration uses is tokenized
+    stream = sample_windows(data, tokenizer, 32, 8, 0, seed=0).windows
+    assert not torch.equal(stream, sample_windows(data, tokenizer, 32, 8, 0, seed=1).windows)
+
+
+def test_held_aside_windows_come_from_documents_calibration_did_not_use():
+    from optimum_grape.calibration.data import sample_windows
+
+    documents = [torch.full((20,), i) for i in range(100)]  # document i is the token id i, 20 times
+    sample = sample_windows(documents, None, sequence_length=16, num_samples=10, held_aside=6, seed=0)
+    calibration_docs = set(sample.windows.unique().tolist())
+    aside_docs = set(sample.held_aside.unique().tolist())
+    assert sample.windows.shape == (10, 16) and sample.held_aside.shape == (6, 16)
+    assert sample.held_aside_unseen and not calibration_docs & aside_docs
+    assert sample.documents_used < 100
+
+
+def test_too_little_data_holds_calibration_windows_aside_and_warns(caplog):
+    documents = [torch.full((20,), i) for i in range(5)]
+    pruner = GrapePruner(GrapeConfig(pruning_ratio=0.25, num_samples=8, sequence_length=16, selection_samples=2))
+    with caplog.at_level(logging.WARNING, logger="optimum_grape"):
+        pruner.prepare_data(documents)
+    assert pruner.selection_overlaps and len(pruner.selection_batches) == 1
+    assert "windows that score candidate plans are calibration windows" in caplog.text
+    assert pruner.sampling["held_aside_unseen"] is False and pruner.sampling["documents_total"] == 5
+
+
+def test_a_large_dataset_is_read_only_as_far_as_calibration_needs(tokenizer):
+    import datasets
+
+    from optimum_grape.calibration.data import sample_windows
+
+    big = datasets.Dataset.from_dict({"text": [f"Document number {i} says something about item {i}." for i in
+                                               range(20000)]})
+    sample = sample_windows(big, tokenizer, sequence_length=32, num_samples=4, held_aside=2, seed=0)
+    assert sample.windows.shape == (4, 32) and sample.held_aside_unseen
+    assert sample.documents_used < 100 and sample.documents_total == 20000

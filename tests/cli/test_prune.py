@@ -43,6 +43,15 @@ def test_bad_ratio_is_refused(base_folder, tmp_path):
     assert result.returncode == 2 and "outside (0, 1)" in result.stderr
 
 
+def test_plan_refuses_the_options_it_fixes_before_loading(pruned_cli, tmp_path):
+    """A plan fixes clusters, budget, method and merge: a flag that would be silently ignored is refused."""
+    plan = pruned_cli[0] / "grape_plan.json"
+    result = run_cli("prune", "/no/such/model", "--output", tmp_path / "o", "--plan", plan, "--ratio", "0.5",
+                     "--method", "frequency")
+    assert result.returncode == 2 and not (tmp_path / "o").exists()
+    assert "--plan fixes the clusters" in result.stderr and "--ratio, --method would be ignored" in result.stderr
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--evaluate"], "--evaluate loads the whole model"),
     (["--device", "cuda"], "--layer-by-layer runs on the CPU"),

@@ -131,7 +131,12 @@ def mutate_stats(header: dict, tensors: dict, rng: random.Random) -> bytes:
         t = tensors[key]
         op = rng.randrange(7)
         if op == 0:
-            t.view(-1)[rng.randrange(t.numel())] = rng.choice([math.nan, math.inf, -1.0, 1e300, 0.0, 1e-300])
+            value = rng.choice([math.nan, math.inf, -1.0, 1e300, 0.0, 1e-300])
+            if t.is_floating_point() and math.isfinite(value) and abs(value) > torch.finfo(t.dtype).max:
+                value = math.inf  # what 1e300 becomes in a narrower float
+            elif not t.is_floating_point() and not math.isfinite(value):
+                value = -1
+            t.view(-1)[rng.randrange(t.numel())] = value
         elif op == 1:
             tensors[key] = t[:-1] if t.shape[0] > 1 else t.flatten()
         elif op == 2:

@@ -90,3 +90,19 @@ def test_a_saved_plan_is_checked_against_the_checkpoint_on_disk(base_folder, tmp
     with pytest.raises(PlanError, match="different model"):
         GrapePruner(GrapeConfig(**SMALL, layer_by_layer=True)).prune_checkpoint(base_folder, tmp_path / "c", plan=plan)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_saved_plan_gives_the_same_weights_in_memory_and_layer_by_layer(tmp_path):
+    """`--plan` is one job in both modes: the calibration options say what the merges are computed on
+    (activation-aware alignment), in memory as layer by layer."""
+    common = ["prune", "default", "--ratio", "0.25", "--num-samples", "8", "--selection-samples", "2"]
+    result = run_cli(*common, "--merge", "weighted", "--output", tmp_path / "first")  # merges that use data
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = tmp_path / "first" / "grape_plan.json"
+    options = ["--plan", plan, "--num-samples", "6", "--sequence-length", "64", "--seed", "3"]
+    for name, extra in (("memory", []), ("streamed", ["--layer-by-layer"])):
+        result = run_cli("prune", "default", "--output", tmp_path / name, *options, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+    merged = json.loads((tmp_path / "memory" / "grape_plan.json").read_text())["metadata"]["merged_with_data"]
+    assert merged["align_on_activations"] is True  # the merges used the calibration data

@@ -1,6 +1,6 @@
 """From a method's clusters to a plan (planning/build.py): each layer's sensitivity is measured end
-to end and saved with the statistics; without a model to score candidates on, the uniform candidate
-is used and the log says so."""
+to end and saved with the statistics; without a model to score candidates on, GRAPE's global plan at
+its fixed gamma is used and the log says so."""
 
 import logging
 
@@ -25,11 +25,15 @@ def test_layer_sensitivity_is_measured_and_saved(tmp_path):
     assert all(loaded.layers[l].sensitivity == s.sensitivity for l, s in stats.layers.items())
 
 
-def test_without_a_model_the_uniform_candidate_is_used_and_said(caplog):
+def test_without_a_model_the_global_fallback_is_used_and_said(caplog):
     model = tiny_model("mixtral")
     pruner = GrapePruner(small(pruning_ratio=0.25))
     stats = pruner.calibrate(model, random_token_batches(n=12))
     with caplog.at_level(logging.WARNING, logger="optimum_grape"):
         plan = pruner.plan(stats)
-    assert plan.metadata["selection"]["chosen"] == "uniform" and set(plan.experts_per_layer.values()) == {6}
-    assert "not scored" in caplog.text
+    assert plan.metadata["selection"]["chosen"] == "gamma=0.03" and plan.metadata["entropy_tolerance"] == 0.03
+    assert plan.metadata["allocation_rule"] == "global" and plan.metadata["merge"] == "weighted"
+    assert plan.metadata["selection"]["not_scored_because"] == "no model given to plan()"
+    assert "not scored" in caplog.text and "'gamma=0.03'" in caplog.text
+    uniform = GrapePruner(small(pruning_ratio=0.25, allocation="uniform")).plan(stats)
+    assert set(uniform.experts_per_layer.values()) == {6}  # uniform only when asked

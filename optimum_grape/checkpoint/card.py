@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..plan import PruningPlan
+from .remote_code import REMOTE_FILE
 
 logger = logging.getLogger("optimum_grape")
 CARD_INPUTS = "grape_card.json"
@@ -55,6 +56,14 @@ def base_license(base) -> dict:
     return {k: getattr(data, k) for k in ("license", "license_name", "license_link") if getattr(data, k, None)}
 
 
+# The Hub dataset each lm-eval task scores (model-index `dataset.type` is a Hub dataset id), with the
+# subset where the dataset has several. Our held-out text has no Hub id: its entries keep a local name.
+HUB_DATASETS = {"hellaswag": ("Rowan/hellaswag", None), "piqa": ("ybisk/piqa", None),
+                "arc_easy": ("allenai/ai2_arc", "ARC-Easy"), "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+                "boolq": ("google/boolq", None), "winogrande": ("allenai/winogrande", "winogrande_xl"),
+                "openbookqa": ("allenai/openbookqa", "main"), "sciq": ("allenai/sciq", None)}
+
+
 def _eval_results(inputs: dict, model_type: str):
     from huggingface_hub import EvalResult
 
@@ -63,9 +72,10 @@ def _eval_results(inputs: dict, model_type: str):
                           metric_value=round(v["after"], 4))
                for name, v in inputs.get("evaluation", {}).items()]
     for key, v in inputs.get("accuracy", {}).items():
-        results.append(EvalResult(task_type="text-generation", dataset_type=v.get("dataset", key),
-                                  dataset_name=v.get("dataset_name", key), metric_type=v.get("metric", "acc"),
-                                  metric_value=round(v["value"], 4),
+        hub_id, subset = HUB_DATASETS.get(v.get("task", ""), (v.get("dataset", key), None))
+        results.append(EvalResult(task_type="multiple-choice", task_name=v.get("task"), dataset_type=hub_id,
+                                  dataset_name=v.get("dataset_name", key), dataset_config=subset,
+                                  metric_type=v.get("metric", "acc"), metric_value=round(v["value"], 4),
                                   metric_name=f"{v.get('metric', 'acc')} (0-shot, lm-eval)"))
     return results
 
@@ -123,8 +133,8 @@ def save_plot(plan: PruningPlan, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.info("matplotlib is not installed: the model card has no experts-per-layer plot "
-                    "(pip install optimum-grape[plots]).")
+        logger.warning("matplotlib is not installed: the model card has no experts-per-layer plot "
+                       "(pip install optimum-grape[plots]).")
         return False
     layers = sorted(plan.clusters)
     fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * len(layers) + 2), 3.6), dpi=100)
@@ -179,6 +189,10 @@ def render_model_card(folder, repo_or_path: str | None = None) -> str:
         "accuracy_how": next(iter(accuracy.values()), {}).get("how", ""),
         "hyperparameters": json.dumps(quant, indent=2, sort_keys=True),
         "uniform": len(set(counts)) <= 1,
+        "remote_code": REMOTE_FILE[:-3] + "." in json.dumps(config.get("auto_map") or {}),
+        "remote_file": REMOTE_FILE,
+        "remote_class": next((k for k in (config.get("auto_map") or {}) if k != "AutoConfig"), "AutoModelForCausalLM"),
+        "remote_status": config.get("grape_remote_code", "not written"),
         "repo_or_path": repo_or_path or inputs.get("repo_id") or "path/or/repo",
     }
     data = card_data(config, plan, inputs)

@@ -14,6 +14,7 @@ from .destinations import check_destination
 from .staging import make_staging_folder, staging_path
 from ..errors import CheckpointError
 from .manifest import write_manifest
+from .remote_code import write_remote_code
 from ..plan import PruningPlan
 
 PLAN_FILE = "grape_plan.json"
@@ -30,6 +31,7 @@ def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None =
     else:
         original = getattr(get_adapter(model), "save_original_format", True)
         model.save_pretrained(folder, safe_serialization=True, save_original_format=original)
+    write_remote_code(folder, model)  # a non-uniform layout loads without optimum-grape too
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if plan is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .discover import fused_modules, other_moe_modules
 from .matrix import run_matrix
+from ..cli import QUIET_LOGGERS
 from .report import render_markdown, summary, update_readme, write
 
 
@@ -25,6 +26,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("optimum_grape").setLevel(logging.ERROR)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 
     transformers.logging.set_verbosity_error()

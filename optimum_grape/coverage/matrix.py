@@ -48,6 +48,9 @@ class FamilyResult:
     experts_after: dict = field(default_factory=dict)
     checks: dict = field(default_factory=dict)
     reload_max_diff: float | None = None  # 0.0: bit-identical logits after the fresh-process reload
+    # Reloaded with trust_remote_code=True where optimum_grape cannot be imported: "exact", "not needed"
+    # (uniform counts), or why not (the checkpoint's `grape_remote_code`, or the failure).
+    remote_code: str = ""
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -180,13 +183,22 @@ def prune_family(module: str, folder: Path) -> tuple[FamilyResult, torch.Tensor 
 
 
 RELOAD = """
-import sys, torch, transformers, optimum_grape
+import sys
+if {remote!r}:
+    sys.modules["optimum_grape"] = None  # where optimum-grape is not installed: the checkpoint's own code
+import torch, transformers
+if not {remote!r}:
+    import optimum_grape
 from safetensors.torch import load_file, save_file
 jobs, probe_file, out_file = {jobs!r}, {probe!r}, {out!r}
 ids, out, errors = load_file(probe_file)["ids"], {{}}, {{}}
 for name, folder, class_name in jobs:
     try:
-        model = getattr(transformers, class_name).from_pretrained(folder).eval()
+        if {remote!r}:
+            auto = [k for k in __import__("json").load(open(folder + "/config.json"))["auto_map"] if k != "AutoConfig"][0]
+            model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True).eval()
+        else:
+            model = getattr(transformers, class_name).from_pretrained(folder).eval()
         torch.manual_seed(0)
         with torch.no_grad():
             out[name] = model(input_ids=ids).logits.float().contiguous()
@@ -197,11 +209,13 @@ print("ERRORS=" + __import__("json").dumps(errors))
 """
 
 
-def reload_all(jobs: list[tuple[str, Path, str]], work: Path) -> tuple[dict, dict]:
-    """Load every (name, folder, model class) in ONE fresh Python process; (logits, errors) by name."""
-    probe, out = work / "probe.safetensors", work / "reloaded.safetensors"
+def reload_all(jobs: list[tuple[str, Path, str]], work: Path, remote: bool = False) -> tuple[dict, dict]:
+    """Load every (name, folder, model class) in ONE fresh Python process; (logits, errors) by name.
+    `remote`: through each checkpoint's auto_map with trust_remote_code=True, optimum_grape unimportable."""
+    probe, out = work / "probe.safetensors", work / f"reloaded{'-remote' if remote else ''}.safetensors"
     save_file({"ids": PROBE.contiguous()}, str(probe))
-    code = textwrap.dedent(RELOAD.format(jobs=[(n, str(f), c) for n, f, c in jobs], probe=str(probe), out=str(out)))
+    code = textwrap.dedent(RELOAD.format(jobs=[(n, str(f), c) for n, f, c in jobs], probe=str(probe), out=str(out),
+                                         remote=remote))
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     if run.returncode != 0:
         raise RuntimeError(f"The fresh-process reload crashed:\n{run.stderr[-3000:]}")
@@ -224,6 +238,16 @@ def run_matrix(modules: list[str] | None = None, work: Path | None = None) -> li
                 expected[module] = logits
         jobs = [(m, work / m, results[m].model_class) for m in expected]
         reloaded, errors = reload_all(jobs, work) if jobs else ({}, {})
+        remote_jobs, remote_status = [], {}
+        for module, folder, class_name in jobs:
+            config = json.loads((folder / "config.json").read_text())
+            if config.get("auto_map"):
+                remote_jobs.append((module, folder, class_name))
+            else:
+                remote_status[module] = config.get("grape_remote_code", "not written")
+                if remote_status[module].startswith("not needed"):
+                    remote_status[module] = "not needed (uniform counts)"
+        remote, remote_errors = reload_all(remote_jobs, work, remote=True) if remote_jobs else ({}, {})
         for module, want in expected.items():
             result = results[module]
             got = reloaded.get(module)
@@ -233,6 +257,12 @@ def run_matrix(modules: list[str] | None = None, work: Path | None = None) -> li
                 result.reason = f"reload failed: {errors.get(module, 'no logits')}"
             elif not result.checks["reload"]:
                 result.reason = f"reloaded logits differ by up to {result.reload_max_diff:.2e}"
+            if module in remote_status:
+                result.remote_code = remote_status[module]
+            elif remote.get(module) is not None and float((remote[module] - want).abs().max()) <= RELOAD_ATOL:
+                result.remote_code = "exact"
+            else:
+                result.remote_code = f"failed: {remote_errors.get(module, 'logits differ')}"[:300]
             failed = [name for name, ok in result.checks.items() if not ok]
             result.status = "failed" if failed else "supported"
             if failed and not result.reason:

@@ -42,12 +42,14 @@ def _row(result) -> str:
     else:
         outcome = f"**{result.status}**: {_first_sentence(result.reason)}"
     adapter = result.adapter
+    remote = _first_sentence(result.remote_code, 120) if result.status == "supported" else ""
     return (f"| `{result.model_type}` | {_cell(result.model_class)} | {_cell(adapter)} | {_cell(result.routing)} "
-            f"| {_cell(result.kept_whole)} | {_cell(outcome)} |")
+            f"| {_cell(result.kept_whole)} | {_cell(outcome)} | {_cell(remote)} |")
 
 
-HEADER = ("| model type | model class pruned | adapter | routing rule (verified on the model) | left untouched | result |\n"
-          "|---|---|---|---|---|---|")
+HEADER = ("| model type | model class pruned | adapter | routing rule (verified on the model) | left untouched | result "
+          "| without optimum-grape (`trust_remote_code=True`) |\n"
+          "|---|---|---|---|---|---|---|")
 
 
 def render_markdown(results, fused: list[str]) -> str:
@@ -63,7 +65,8 @@ def render_markdown(results, fused: list[str]) -> str:
         + f"{s['failed']} fail. Each is built tiny from its own config class "
         "with random weights; a keep-all plan leaves its logits bit-identical, a 25% GRAPE prune gives the planned "
         "count per layer and leaves every other tensor equal, and the saved checkpoint, reloaded in a fresh process, "
-        "gives the same logits.",
+        "gives the same logits. The last column: the checkpoint reloaded with `trust_remote_code=True` in a process "
+        f"that cannot import optimum_grape ({sum(r.remote_code == 'exact' for r in fused_rows)} exact).",
         "", HEADER, *(_row(r) for r in fused_rows)]
     if other_rows:
         lines += ["", "MoE modeling files without fused experts (older or custom layouts):", "", HEADER,

@@ -40,6 +40,21 @@ def test_family_prunes_and_reloads_exactly_or_is_refused_with_a_reason(module, b
     assert result.routing and result.routing != "not verified"
 
 
+# Non-uniform layouts these families load without optimum-grape through the written modeling file.
+REMOTE_CODE_EXACT = ("mixtral", "qwen2_moe", "qwen3_vl_moe", "deepseek_v3", "gpt_oss", "laguna")
+
+
+@pytest.mark.parametrize("module", REMOTE_CODE_EXACT)
+def test_written_remote_code_reloads_exactly_without_optimum_grape(module, by_module):
+    assert by_module[module].remote_code == "exact", by_module[module].remote_code
+
+
+def test_remote_code_is_exact_wherever_it_was_written(matrix):
+    # A checkpoint either carries code that reproduces the pruned logits, or none and says why.
+    wrong = {r.module: r.remote_code for r in matrix if r.remote_code.startswith("failed")}
+    assert not wrong, wrong
+
+
 def test_at_least_90_percent_of_fused_families_prune(matrix):
     counts = summary(matrix, FUSED)
     assert counts["failed"] == 0 and counts["supported_share"] >= 0.9, counts

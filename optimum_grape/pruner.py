@@ -13,7 +13,7 @@ import logging
 import time
 
 import torch
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # honours disable_progress_bar() and HF_HUB_DISABLE_PROGRESS_BARS
 
 from .adapters import find_moe_layers
 from .algorithms.budget import check_budget
@@ -82,6 +82,9 @@ class GrapePruner:
         data = load_calibration_data(c.dataset if data is None else data)
         sample = sample_windows(data, tokenizer, c.sequence_length, c.num_samples, c.selection_samples, c.seed)
         self.calibration_batches = list(sample.windows.split(c.batch_size))
+        logger.info("Calibration data: %d windows of %d tokens (+%d held aside to score plans) from %d of %d documents, "
+                    "visited in an order shuffled with seed %d", sample.windows.shape[0], sample.windows.shape[1],
+                    sample.held_aside.shape[0], sample.documents_used, sample.documents_total, c.seed)
         self.selection_overlaps = not sample.held_aside_unseen
         self.selection_batches = list(sample.held_aside.split(c.batch_size)) if sample.held_aside.numel() else []
         self.sampling = {"documents_used": sample.documents_used, "documents_total": sample.documents_total,

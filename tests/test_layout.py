@@ -143,3 +143,14 @@ def test_every_module_says_what_it_owns():
     missing = [name for name, path in MODULES.items()
                if not ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))]
     assert missing == []
+
+
+def test_the_docs_the_cli_points_to_ship_with_the_package():
+    """`optimum_grape/docs` links to docs/ and is package data, so an installed wheel carries them."""
+    import tomllib
+
+    assert (PACKAGE / "docs").resolve() == (ROOT / "docs").resolve()
+    assert (PACKAGE / "docs" / "methods.md").is_file()
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["optimum_grape"]
+    assert "docs/*.md" in data
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")

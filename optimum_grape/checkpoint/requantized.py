@@ -17,11 +17,13 @@ model no longer runs. The counts survive as the top-level `num_local_experts_per
 from __future__ import annotations
 
 import functools
-
-import transformers.modeling_utils as modeling_utils
-from transformers.quantizers.base import HfQuantizer
+import sys
 
 _MARK = "__optimum_grape_carrier__"
+# What this module wraps, checked by tests/checkpoint/test_requantized.py so that a transformers
+# release that renames or reshapes them fails a test instead of silently dropping the counts.
+WRAPPED = ("transformers.quantizers.auto.get_hf_quantizer", "transformers.modeling_utils.get_hf_quantizer",
+           "transformers.quantizers.base.HfQuantizer.preprocess_model")
 
 
 def _is_grape(quantization_config) -> bool:
@@ -70,8 +72,17 @@ def _wrap_preprocess_model(original):
 
 
 def install() -> None:
-    """Idempotent."""
-    if not getattr(modeling_utils.get_hf_quantizer, _MARK, False):
-        modeling_utils.get_hf_quantizer = _wrap_get_hf_quantizer(modeling_utils.get_hf_quantizer)
+    """Idempotent. Runs when transformers has just loaded its quantizers, possibly while
+    `transformers.modeling_utils` is still being imported: wrapping `get_hf_quantizer` where it is
+    defined makes modeling_utils bind the wrapper; a modeling_utils loaded earlier is rebound too."""
+    from transformers.quantizers import auto
+    from transformers.quantizers.base import HfQuantizer
+
+    if not getattr(auto.get_hf_quantizer, _MARK, False):
+        auto.get_hf_quantizer = _wrap_get_hf_quantizer(auto.get_hf_quantizer)
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is not None and hasattr(modeling_utils, "get_hf_quantizer") \
+            and not getattr(modeling_utils.get_hf_quantizer, _MARK, False):
+        modeling_utils.get_hf_quantizer = auto.get_hf_quantizer
     if not getattr(HfQuantizer.preprocess_model, _MARK, False):
         HfQuantizer.preprocess_model = _wrap_preprocess_model(HfQuantizer.preprocess_model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+from importlib import metadata
 import sys
 
 from ..checkpoint.load import DEFAULT_MODEL, default_model_path, heldout_paths  # noqa: F401 (public here since 0.1)
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="optimum-grape",
         description="Remove redundant experts from a Mixture-of-Experts model (GRAPE, C-Prune and baselines) "
                     "and save a checkpoint that loads with transformers.")
+    parser.add_argument("--version", action="version", version=f"optimum-grape {metadata.version('optimum-grape')}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
@@ -65,9 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Loggers of libraries transformers imports whenever it loads a model (its quantization backends): their
+# warnings (a CUDA kernel not found on a CPU machine, a torch.compile deprecation) say nothing about
+# pruning, and a command's output should be what the command measured.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def run_command(run, args, prog: str = "optimum-grape") -> int:
     """Run one command; a GrapeError becomes a one-line message and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return run(args)
     except GrapeError as err:

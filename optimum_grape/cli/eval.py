@@ -18,10 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model folder (a pruned checkpoint or any causal LM), cached Hub id, or 'default'")
     parser.add_argument("--tasks", required=True, help="comma-separated, e.g. hellaswag,piqa,arc_easy,boolq")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N questions of each task")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     parser.add_argument("--no-card", action="store_true", help="do not write the results into the model card")
     parser.add_argument("--output-json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model code a checkpoint ships (only for checkpoints you trust)")
 
 
 def run(args) -> int:

@@ -5,7 +5,6 @@ Heavy imports are deferred into the command so that `--help` and optimum-cli sta
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..checkpoint.load import DEFAULT_MODEL, default_model_path
@@ -30,7 +29,7 @@ def add_arguments(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("--preset", choices=["default", "paper"], default=None,
                        help="default: usage-aware merge cost, layer cap, super experts kept, gamma and merge chosen end "
                             "to end; paper: GRAPE's Algorithm 1 as published (CKA, gamma 0.1, no cap); see "
-                            "docs/methods.md (default: default)")
+                            "optimum_grape/docs/methods.md, installed with the package (default: default)")
     prune.add_argument("--similarity", choices=["merge_cost", "cka", "cosine", "mse"], default=None,
                        help="expert similarity (default: the preset's: merge_cost, or cka for --preset paper)")
     prune.add_argument("--merge", choices=["weighted", "saliency", "drop", "affinity"], default=None,
@@ -72,7 +71,8 @@ def add_arguments(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("--seed", type=int, default=0,
                        help="seed of the document order, token samples and random choices (default: 0)")
     prune.add_argument("--method-kwargs", default=None,
-                       help="JSON object of method-specific hyperparameters (see docs/methods.md)")
+                       help="JSON object of method-specific hyperparameters (see optimum_grape/docs/methods.md, "
+                            "installed with the package)")
     source = prune.add_mutually_exclusive_group()
     source.add_argument("--plan", default=None,
                         help="apply this plan JSON instead of planning; the calibration options still say what the "
@@ -196,7 +196,7 @@ def run(args) -> int:
         return 0
     plan = report.plan
     print(plan.summary())
-    print(f"experts per layer: {json.dumps({str(k): v for k, v in plan.experts_per_layer.items()})}")
+    print("experts per MoE layer, before -> after (original expert ids merged into one):")
     for layer, clusters in plan.clusters.items():
         merged = [c for c in clusters if len(c) > 1]
         print(f"  layer {layer}: {plan.num_experts_before[layer]} -> {len(clusters)}" +

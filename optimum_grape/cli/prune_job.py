@@ -4,12 +4,15 @@ by `optimum-grape prune`, `optimum-grape publish` and `optimum-cli grape prune`.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.load import DEFAULT_MODEL, load_model_and_tokenizer, resolve_base
 from ..plan import PruningPlan
+
+logger = logging.getLogger("optimum_grape")
 
 
 @dataclass
@@ -71,6 +74,8 @@ def run_prune_job(job: PruneJob, pruner) -> JobReport:
                                                 device_map=job.device_map)
     params_before = count_parameters(model)
     bytes_before = folder_bytes(path) if Path(path).is_dir() else None
+    if job.evaluate:
+        logger.info("Measuring the base model's held-out perplexity (%d tokens per domain) ...", job.eval_tokens)
     before = heldout_perplexities(model, tokenizer, job.eval_tokens, job.window) if job.evaluate else {}
     start = time.perf_counter()
     plan, stats = job.plan, job.stats
@@ -90,12 +95,14 @@ def run_prune_job(job: PruneJob, pruner) -> JobReport:
     seconds = time.perf_counter() - start
     after, comparison = {}, {}
     if job.evaluate:
+        logger.info("Measuring the pruned model's held-out perplexity (%d tokens per domain) ...", job.eval_tokens)
         after = heldout_perplexities(model, tokenizer, job.eval_tokens, job.window)
         comparison = compare(after, before)
         how = f"perplexity on the first {job.eval_tokens} tokens of each held-out file, windows of {job.window}"
         pruner.evaluation = {f"perplexity ({d})": {"before": before[d], "after": after[d],
                                                    "ratio": comparison["ratios"][d], "how": how,
                                                    "dataset": f"optimum-grape held-out {d}"} for d in before}
+    logger.info("Writing the pruned checkpoint to %s ...", job.output)
     output = pruner.save_pretrained(model, job.output, tokenizer, overwrite=job.overwrite,
                                     base_model=job.hub_base_model)
     return JobReport(output=Path(output), plan=plan, params=(params_before, count_parameters(model)),

@@ -12,7 +12,6 @@ was pushed, would be pushed, or was refused and why. Exit status: 0 when nothing
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -38,9 +37,19 @@ def variant_name(method: str, ratio: float) -> str:
 
 
 def _files(folder: Path) -> list[dict]:
-    return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size,
-             "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-            for p in sorted(folder.rglob("*")) if p.is_file()]
+    """Every file of a variant with its size and SHA-256: the weight files' from the manifest the save
+    just wrote (hashed once, in chunks), the small others hashed here, in chunks too."""
+    from ..checkpoint.manifest import read_manifest, sha256_file
+
+    manifest = read_manifest(folder)
+    out = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            known = manifest.get(str(p.relative_to(folder)))
+            size = p.stat().st_size
+            digest = known["sha256"] if known and known["bytes"] == size else sha256_file(p)
+            out.append({"path": str(p.relative_to(folder)), "bytes": size, "sha256": digest})
+    return out
 
 
 def _config(args, method: str, ratio: float):
@@ -98,19 +107,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-ppl-ratio", type=float, default=1.5,
                         help="refuse a variant whose held-out perplexity ratio (pruned / base, worst domain) exceeds "
                              "this (default 1.5)")
-    parser.add_argument("--work-dir", default="grape-variants", help="where variants and the manifest are written")
+    parser.add_argument("--work-dir", default="grape-variants", help="where variants and the manifest are written (default: grape-variants)")
     parser.add_argument("--dry-run", action="store_true", help="write the folders and the manifest, upload nothing")
     parser.add_argument("--private", action="store_true", help="create the Hub repositories as private")
     parser.add_argument("--overwrite", action="store_true", help="replace variant folders left by an earlier run")
     parser.add_argument("--base-model", default=None, metavar="REPO_ID", help="Hub id of the base, for the cards")
-    parser.add_argument("--allocation", choices=["global", "uniform"], default=None)
-    parser.add_argument("--preset", choices=["default", "paper"], default="default", help="GRAPE preset")
-    parser.add_argument("--dataset", default=None, help="calibration text file or saved datasets folder")
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--sequence-length", type=int, default=256)
-    parser.add_argument("--selection-samples", type=int, default=8)
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain to score")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allocation", choices=["global", "uniform"], default=None,
+                        help="global or uniform allocation (default: each method's own)")
+    parser.add_argument("--preset", choices=["default", "paper"], default="default", help="GRAPE preset (default: default)")
+    parser.add_argument("--dataset", default=None, help="calibration text file or saved datasets folder (default: the shipped text)")
+    parser.add_argument("--num-samples", type=int, default=64, help="calibration sequences (default: 64)")
+    parser.add_argument("--sequence-length", type=int, default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--selection-samples", type=int, default=8,
+                        help="sequences held aside to score candidate plans (default: 8)")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain to score (default: 8192)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration seed (default: 0)")
 
 
 def run(args) -> int:

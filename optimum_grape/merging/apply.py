@@ -11,6 +11,7 @@ import json
 import logging
 
 import torch
+from transformers.utils.logging import tqdm  # honours disable_progress_bar() and HF_HUB_DISABLE_PROGRESS_BARS
 
 from ..adapters import MoEAdapter, find_moe_layers
 from ..adapters.fused import is_fused_experts, text_config
@@ -39,7 +40,7 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None, check_model: bool 
     this model (its fingerprint); the layers, counts and top-k floors are always checked. `merger`
     (refine.DataMerger) merges each layer with calibration data and may re-plan its clusters (same
     counts); the plan is updated to what was applied."""
-    adapter = apply_clusters(model, plan, check_model, merger)
+    adapter = apply_clusters(model, plan, check_model, merger, progress=True)
     if plan.metadata.get("routing_overrides"):
         changed = plan.metadata["routing_overrides"]
         logger.warning("%d layer(s) keep expert counts their grouped router cannot split (%s): routing there falls "
@@ -47,11 +48,12 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None, check_model: bool 
                        ", ".join(f"layer {l}: {plan.experts_per_layer[int(l)]}" for l in changed),
                        next(iter(changed.values())))
     record_layout(model, adapter, plan, pruning_config)
-    logger.info("Applied plan. %s", plan.summary())
+    logger.info("Merged the experts of %d MoE layers.", len(plan.clusters))
 
 
 @torch.no_grad()
-def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=None, found=None) -> MoEAdapter:
+def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=None, found=None,
+                   progress: bool = False) -> MoEAdapter:
     """Rewrite every MoE layer the plan covers (tensors and routing), leaving `model.config` alone:
     what candidate scoring needs, and the first half of `apply_plan`.
 
@@ -67,7 +69,8 @@ def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=N
     snapshot = Snapshot([module for layer in targets.values() for module in layer.block.modules()])
     done = False
     try:
-        for index, layer in sorted(targets.items()):
+        for index, layer in tqdm(sorted(targets.items()), desc="GRAPE merging", unit="layer", leave=False,
+                                 disable=not progress):
             clusters = plan.clusters[index]
             weights, routers = plan.merge_weights_of(index), plan.router_weights_of(index)
             if merger is not None and adapter.merges_with_data(layer):

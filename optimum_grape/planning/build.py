@@ -112,9 +112,11 @@ class Planner:
                  for c in options]
         if scored:
             tokens = sum(b.numel() for b in selection_batches)
-            logger.info("GRAPE: scoring %d candidate plans by KL to the unpruned model on %d held-aside tokens",
-                        len(plans), tokens)
+            logger.info("GRAPE: scoring %d candidate plans: each applied in turn, its next-token distribution compared "
+                        "with the unpruned model's (KL per token) on %d held-aside tokens ...", len(plans), tokens)
             scores = score_plans(model, plans, selection_batches)
+            for c, p, s in zip(options, plans, scores):
+                logger.info("  %-34s KL %.5f   experts kept per layer %s", c.name, s, list(p.experts_per_layer.values()))
             best = min(range(len(plans)), key=lambda i: (scores[i], i))
             selection = {"metric": SCORE_METRIC, "tokens": tokens, "overlaps_calibration": overlaps}
         else:
@@ -153,11 +155,14 @@ class Planner:
                                      router=self.router, align_neurons=self.align_neurons(),
                                      metadata={"candidate": f"probe layer {l}"}))
         start = time.perf_counter()
+        logger.info("GRAPE: measuring each MoE layer's sensitivity: its share of the cheapest merges applied alone, "
+                    "KL to the unpruned model on %d held-aside tokens (%d layers) ...",
+                    sum(b.numel() for b in selection_batches), len(plans))
         scores = score_plans(model, plans, selection_batches)
         for (l, (raw, local_cost)), kl in zip(sorted(probe.items()), scores):
             stats.layers[l].sensitivity = {"kl": kl, "merges": stats.num_experts[l] - len(raw),
                                            "local_cost": local_cost}
-        logger.info("GRAPE: measured each layer's sensitivity end to end in %.1fs (KL per layer: %s)",
+        logger.info("GRAPE: sensitivity measured in %.1fs; KL per layer, in layer order: %s",
                     time.perf_counter() - start, [round(k, 4) for k in scores])
 
     # -- sequential re-planning -------------------------------------------------------------------

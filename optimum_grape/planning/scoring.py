@@ -16,6 +16,7 @@ import logging
 import math
 
 import torch
+from transformers.utils.logging import tqdm  # honours disable_progress_bar() and HF_HUB_DISABLE_PROGRESS_BARS
 
 from ..adapters import find_moe_layers
 from ..calibration import distributed
@@ -77,11 +78,7 @@ def score_plans(model, plans: list[PruningPlan], batches: list[torch.Tensor]) ->
         totals = model.score_plans(plans, mine)
     else:
         totals = _score_in_memory(model, plans, mine)
-    scores = [mean_kl_over_ranks(t) for t in totals]
-    for plan, score in zip(plans, scores):
-        logger.info("  candidate %-10s KL %.5f  kept %s", plan.metadata.get("candidate", "?"), score,
-                    list(plan.experts_per_layer.values()))
-    return scores
+    return [mean_kl_over_ranks(t) for t in totals]
 
 
 @torch.no_grad()
@@ -94,7 +91,7 @@ def _score_in_memory(model, plans: list[PruningPlan], batches: list[torch.Tensor
     try:
         refs = [reference_of(model(input_ids=b.to(device), use_cache=False).logits) for b in batches]
         totals = []
-        for plan in plans:
+        for plan in tqdm(plans, desc="GRAPE scoring plans", unit="plan", leave=False):
             with restored(modules):
                 apply_clusters(model, plan)
                 totals.append([kl_terms(model(input_ids=b.to(device), use_cache=False).logits, ref)

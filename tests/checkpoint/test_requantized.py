@@ -82,3 +82,26 @@ def test_counts_alone_rebuild_a_checkpoint_without_quantization_config(pruned_fo
     model = AutoModelForCausalLM.from_pretrained(stripped).eval()
     assert {layer.index: layer.num_experts for layer in find_moe_layers(model)[1]} == plan.experts_per_layer
     assert torch.equal(logits(model), expected)
+
+
+def test_what_the_carrier_wraps_still_exists_with_the_signature_it_expects():
+    """checkpoint/requantized.py wraps transformers internals (there is no official hook for a layout
+    that must outlive a later quantizer): this fails the day transformers renames or reshapes them."""
+    import inspect
+
+    import transformers.modeling_utils  # noqa: F401  (loads the quantizers: the wrappers are installed)
+    from optimum_grape.checkpoint.requantized import WRAPPED, _MARK
+    from transformers.quantizers import auto
+    from transformers.quantizers.base import HfQuantizer
+
+    assert WRAPPED == ("transformers.quantizers.auto.get_hf_quantizer", "transformers.modeling_utils.get_hf_quantizer",
+                       "transformers.quantizers.base.HfQuantizer.preprocess_model")
+    for function in (auto.get_hf_quantizer, transformers.modeling_utils.get_hf_quantizer,
+                     HfQuantizer.preprocess_model):
+        assert getattr(function, _MARK, False), function
+    original = inspect.signature(inspect.unwrap(auto.get_hf_quantizer))
+    assert list(original.parameters)[:2] == ["config", "quantization_config"]
+    assert list(inspect.signature(inspect.unwrap(HfQuantizer.preprocess_model)).parameters)[:2] == ["self", "model"]
+    source = inspect.getsource(transformers.modeling_utils)
+    assert "from .quantizers.auto import get_hf_quantizer" in source and "get_hf_quantizer(" in source
+

@@ -11,3 +11,29 @@ def test_help_explains_the_commands():
         assert word in result.stdout
     prune_help = run_cli("prune", "--help").stdout
     assert "--ratio" in prune_help and "--allocation" in prune_help and "default" in prune_help
+
+
+def test_every_option_has_help_that_shows_its_default():
+    import argparse
+
+    from optimum_grape.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    problems = []
+    for name, command in commands.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not action.help:
+                problems.append(f"{name} {action.option_strings or action.dest}: no help")
+            elif action.default not in (None, False) and "default" not in action.help:
+                problems.append(f"{name} {action.option_strings}: default {action.default!r} not shown")
+    assert problems == []
+
+
+def test_version():
+    from optimum_grape import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"optimum-grape {__version__}"

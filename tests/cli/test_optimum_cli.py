@@ -38,3 +38,18 @@ def test_optimum_cli_grape_subcommands():
         help_text = buffer.getvalue()
     for word in ("prune", "inspect", "methods", "eval", "publish"):
         assert word in help_text
+
+
+def test_optimum_cli_builds_its_parser_without_torch():
+    """optimum imports every plugin module and builds every command's parser at each start: ours must stay
+    light (no torch, no transformers quantizers) so that `optimum-cli --help` does not pay for it."""
+    code = ("import sys; from optimum.commands.optimum_cli import RootOptimumCLICommand, "
+            "register_optimum_cli_subcommand\n"
+            "import optimum.commands.register.grape as grape\n"
+            "root = RootOptimumCLICommand('optimum-cli')\n"
+            "[register_optimum_cli_subcommand(c, parent_command=root) for c in grape.REGISTER_COMMANDS]\n"
+            "heavy = [m for m in ('torch', 'transformers.modeling_utils', 'transformers.quantizers') if m in sys.modules]\n"
+            "print('heavy', heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "heavy []" in result.stdout

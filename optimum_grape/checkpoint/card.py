@@ -23,6 +23,44 @@ PLOT_FILE = "experts_per_layer.png"
 # The Hub knows adapter / merge / quantized / finetune; "merge" means combining several models and
 # "quantized" changing number formats, so a pruned copy of ONE base is a (training-free) finetune.
 BASE_MODEL_RELATION = "finetune"
+# Card text taken from a plan or grape_card.json (which anyone can edit or share) is kept to one line
+# of this many characters and escaped: it can never add HTML, a link or a table row to the card.
+MAX_TEXT = 200
+_MARKDOWN_SPECIALS = "\\`[]|#"  # links, code, table cells, headings (emphasis is harmless)
+
+
+def plain(value) -> str:
+    """`value` as inert Markdown text: one line, at most MAX_TEXT characters, HTML and Markdown escaped."""
+    text = " ".join(str(value).split())
+    text = text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 3] + "..."
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIALS else ch for ch in text)
+
+
+def code(value) -> str:
+    """`value` for inside a `code span`: one line, no backtick to close the span early."""
+    text = " ".join(str(value).split()).replace("`", "'")
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 3] + "..."
+
+
+def python_string(value) -> str:
+    """`value` as a Python string literal inside a code block (no fence can be closed from inside)."""
+    return json.dumps(" ".join(str(value).split())).replace("`", "\\u0060")
+
+
+def _repo_id(value) -> str | None:
+    """A Hub id the card's metadata and links may carry; anything else is left out with a warning."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not value:
+        return None
+    try:
+        validate_repo_id(str(value))
+    except HFValidationError:
+        logger.warning("base_model %r is not a Hub repository id; the card leaves it out.", str(value)[:MAX_TEXT])
+        return None
+    return str(value)
 
 
 def template_path() -> Path:
@@ -67,17 +105,24 @@ HUB_DATASETS = {"hellaswag": ("Rowan/hellaswag", None), "piqa": ("ybisk/piqa", N
 def _eval_results(inputs: dict, model_type: str):
     from huggingface_hub import EvalResult
 
-    results = [EvalResult(task_type="text-generation", dataset_type=v.get("dataset", name),
-                          dataset_name=v.get("dataset", name), metric_type="perplexity",
+    results = [EvalResult(task_type="text-generation", dataset_type=meta_text(v.get("dataset", name)),
+                          dataset_name=meta_text(v.get("dataset", name)), metric_type="perplexity",
                           metric_value=round(v["after"], 4))
                for name, v in inputs.get("evaluation", {}).items()]
     for key, v in inputs.get("accuracy", {}).items():
         hub_id, subset = HUB_DATASETS.get(v.get("task", ""), (v.get("dataset", key), None))
-        results.append(EvalResult(task_type="multiple-choice", task_name=v.get("task"), dataset_type=hub_id,
-                                  dataset_name=v.get("dataset_name", key), dataset_config=subset,
-                                  metric_type=v.get("metric", "acc"), metric_value=round(v["value"], 4),
-                                  metric_name=f"{v.get('metric', 'acc')} (0-shot, lm-eval)"))
+        metric = meta_text(v.get("metric", "acc"))
+        results.append(EvalResult(task_type="multiple-choice", task_name=meta_text(v.get("task") or key),
+                                  dataset_type=meta_text(hub_id), dataset_name=meta_text(v.get("dataset_name", key)),
+                                  dataset_config=subset, metric_type=metric, metric_value=round(v["value"], 4),
+                                  metric_name=f"{metric} (0-shot, lm-eval)"))
     return results
+
+
+def meta_text(value) -> str:
+    """`value` for the card's YAML metadata: one line, at most MAX_TEXT characters, no markup."""
+    text = " ".join(str(value).split()).replace("<", "").replace(">", "")
+    return text[:MAX_TEXT]
 
 
 def card_data(config: dict, plan: PruningPlan | None, inputs: dict):
@@ -86,7 +131,7 @@ def card_data(config: dict, plan: PruningPlan | None, inputs: dict):
     model_type = config.get("model_type", "moe")
     tags = ["moe", "pruning", "grape", "optimum-grape", model_type] + ([f"method-{plan.method}"] if plan else [])
     results = _eval_results(inputs, model_type)
-    base = inputs.get("base_model")
+    base = _repo_id(inputs.get("base_model"))
     return ModelCardData(library_name="transformers", base_model=base, tags=tags, pipeline_tag="text-generation",
                          model_name=f"{model_type}-grape-pruned" if results else None, eval_results=results or None,
                          base_model_relation=BASE_MODEL_RELATION if base else None, **inputs.get("license", {}))
@@ -101,27 +146,43 @@ def _plan_vars(plan: PruningPlan, config: dict) -> dict:
         merged = [c for c in clusters if len(c) > 1]
         r = redundancy.get(str(layer), redundancy.get(layer))
         layers.append({"layer": layer, "before": plan.num_experts_before[layer], "after": len(clusters),
-                       "redundancy": "" if r is None else f"{r:.4f}",
+                       "redundancy": f"{r:.4f}" if _is_number(r) else "",
                        "merged": ", ".join("{" + ", ".join(map(str, c)) + "}" for c in merged) or "none"})
     candidates = meta.get("candidates")
     chosen = meta["selection"].get("chosen") if isinstance(meta.get("selection"), dict) else None
     rows = []
     if isinstance(candidates, list) and all(isinstance(c, dict) for c in candidates):
-        rows = [{"name": c.get("name", "?"), "experts_per_layer": c.get("experts_per_layer", "?"),
-                 "score": "" if c.get("score") is None else f"{c['score']:.5f}", "chosen": c.get("name") == chosen}
+        rows = [{"name": plain(c.get("name", "?")), "experts_per_layer": _counts(c.get("experts_per_layer")),
+                 "score": _score(c.get("score")), "chosen": c.get("name") == chosen}
                 for c in candidates]
     # Metadata is free-form: a hand-edited plan may hold anything where a dict is expected.
     selection = meta.get("selection") if isinstance(meta.get("selection"), dict) else {}
     calibration = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
-    return {"method": plan.method, "allocation": meta.get("allocation", "?"), "merge": meta.get("merge", "?"),
-            "router": plan.router, "before": before, "removed": before - after,
-            "removed_pct": f"{(before - after) / before:.1%}", "layers": layers, "has_redundancy": bool(redundancy),
-            "similarity": meta.get("similarity") or calibration.get("similarity") or "?",
-            "routing_overrides": json.dumps(meta.get("routing_overrides")) if meta.get("routing_overrides") else "",
-            "candidates": rows, "selection_metric": selection.get("metric"),
-            "selection_tokens": selection.get("tokens"), "not_scored_because": selection.get("not_scored_because"),
-            "calibration_sequences": calibration.get("num_sequences", "?"),
-            "calibration_tokens": calibration.get("num_tokens", "?")}
+    optional = {"selection_metric": selection.get("metric"), "selection_tokens": selection.get("tokens"),
+                "not_scored_because": selection.get("not_scored_because")}
+    return {"method": plain(plan.method), "allocation": plain(meta.get("allocation", "?")),
+            "merge": plain(meta.get("merge", "?")), "router": plain(plan.router), "before": before,
+            "removed": before - after, "removed_pct": f"{(before - after) / before:.1%}", "layers": layers,
+            "has_redundancy": bool(redundancy),
+            "similarity": plain(meta.get("similarity") or calibration.get("similarity") or "?"),
+            "routing_overrides": code(json.dumps(meta.get("routing_overrides"))) if meta.get("routing_overrides") else "",
+            "candidates": rows, **{k: None if v is None else plain(v) for k, v in optional.items()},
+            "calibration_sequences": plain(calibration.get("num_sequences", "?")),
+            "calibration_tokens": plain(calibration.get("num_tokens", "?"))}
+
+
+def _counts(value) -> str:
+    """A candidate's experts per layer: a list of integers, shown as is; anything else escaped."""
+    ints = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return str(value) if ints else plain("?" if value is None else value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _score(value) -> str:
+    return f"{value:.5f}" if _is_number(value) else ""
 
 
 def save_plot(plan: PruningPlan, path: Path) -> bool:
@@ -175,25 +236,26 @@ def render_model_card(folder, repo_or_path: str | None = None) -> str:
     evaluation = inputs.get("evaluation", {})
     accuracy = inputs.get("accuracy", {})
     variables = {
-        "title": f"{config.get('model_type', 'MoE')} with experts pruned by optimum-grape",
+        "title": plain(f"{config.get('model_type', 'MoE')} with experts pruned by optimum-grape"),
         "plan": _plan_vars(plan, config) if plan else None,
         "plot": PLOT_FILE if plan and save_plot(plan, folder / PLOT_FILE) else None,
-        "license": (inputs.get("license") or {}).get("license"),
-        "dataset": quant.get("dataset") or "optimum-grape shipped calibration text",
-        "perplexity": [{"name": n, "before": f"{v['before']:.3f}", "after": f"{v['after']:.3f}",
+        "license": code((inputs.get("license") or {}).get("license") or "") or None,
+        "dataset": code(quant.get("dataset") or "optimum-grape shipped calibration text"),
+        "perplexity": [{"name": plain(n), "before": f"{v['before']:.3f}", "after": f"{v['after']:.3f}",
                         "ratio": f"{v.get('ratio', v['after'] / v['before']):.3f}"} for n, v in evaluation.items()],
-        "perplexity_how": next(iter(evaluation.values()), {}).get("how", ""),
-        "accuracy": [{"task": v.get("task", t), "metric": v.get("metric", "acc"), "value": f"{v['value']:.4f}",
-                      "stderr": "" if v.get("stderr") is None else f"{v['stderr']:.4f}", "n": v.get("n", "")}
+        "perplexity_how": plain(next(iter(evaluation.values()), {}).get("how", "")),
+        "accuracy": [{"task": plain(v.get("task", t)), "metric": plain(v.get("metric", "acc")), "value": f"{v['value']:.4f}",
+                      "stderr": "" if v.get("stderr") is None else f"{v['stderr']:.4f}", "n": plain(v.get("n", ""))}
                      for t, v in accuracy.items()],
-        "accuracy_how": next(iter(accuracy.values()), {}).get("how", ""),
-        "hyperparameters": json.dumps(quant, indent=2, sort_keys=True),
+        "accuracy_how": plain(next(iter(accuracy.values()), {}).get("how", "")),
+        "hyperparameters": json.dumps(quant, indent=2, sort_keys=True).replace("`", "\\u0060"),  # keeps the fence shut
         "uniform": len(set(counts)) <= 1,
         "remote_code": REMOTE_FILE[:-3] + "." in json.dumps(config.get("auto_map") or {}),
         "remote_file": REMOTE_FILE,
-        "remote_class": next((k for k in (config.get("auto_map") or {}) if k != "AutoConfig"), "AutoModelForCausalLM"),
-        "remote_status": config.get("grape_remote_code", "not written"),
-        "repo_or_path": repo_or_path or inputs.get("repo_id") or "path/or/repo",
+        "remote_class": next((k for k in (config.get("auto_map") or {}) if k != "AutoConfig" and k.isidentifier()),
+                             "AutoModelForCausalLM"),
+        "remote_status": plain(config.get("grape_remote_code", "not written")),
+        "repo_or_path": python_string(repo_or_path or inputs.get("repo_id") or "path/or/repo"),
     }
     data = card_data(config, plan, inputs)
     return str(ModelCard.from_template(data, template_path=str(template_path()), **variables))

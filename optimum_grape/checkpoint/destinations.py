@@ -15,6 +15,7 @@ from typing import Iterable
 
 from ..errors import CheckpointError
 from ..stats import is_stats_file
+from .manifest import written_names
 
 def is_grape_checkpoint(folder: Path) -> bool:
     """A folder optimum-grape wrote: its config.json carries the 'grape' quantization config."""
@@ -35,9 +36,16 @@ def _holds(container: Path, path: Path) -> bool:
 def check_destination(out_dir, overwrite: bool, reads: Iterable = ()) -> None:
     """Refuse an output folder whose writing would lose data: a file, a folder holding something
     this job reads, a non-empty folder without `overwrite`, or, with it, one optimum-grape did not write."""
+    if str(out_dir).strip() == "":
+        raise CheckpointError("The output folder is empty text (it would mean the current folder); give a new "
+                              "folder path such as ./mixtral-grape-25.")
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():
+        raise CheckpointError(f"Output {str(out_dir)!r} is a symbolic link (to {os.readlink(out_dir)!r}); the output is "
+                              "replaced as a whole, which would move the link. Give the real folder path instead.")
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"Output {str(out_dir)!r} is a file; the output is a folder: choose a new folder path.")
+    _check_writable_parent(out_dir)
     for source in reads:
         if source is not None and Path(source).exists() and _holds(out_dir, Path(source)):
             raise CheckpointError(f"Output folder {str(out_dir)!r} holds {str(source)!r}, which this job reads; "
@@ -56,6 +64,27 @@ def check_destination(out_dir, overwrite: bool, reads: Iterable = ()) -> None:
     if folders:
         raise CheckpointError(f"Output folder {str(out_dir)!r} holds sub-folders {folders} that optimum-grape never "
                               "writes; overwrite would delete them. Move them out first or choose a new folder.")
+    written = written_names(out_dir)
+    if written is not None:
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in written)
+        if foreign:
+            raise CheckpointError(f"Output folder {str(out_dir)!r} holds file(s) {foreign[:5]} that optimum-grape did "
+                                  "not write there (they are not in its grape_manifest.json); overwrite would delete "
+                                  "them. Move them out first or choose a new folder.")
+
+
+def _check_writable_parent(out_dir: Path) -> None:
+    """The checkpoint is staged beside `out_dir` and moved in: its nearest existing ancestor must be a
+    writable folder (a read-only mount or a missing drive fails here, not after the pruning)."""
+    ancestor = out_dir.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CheckpointError(f"Output {str(out_dir)!r}: {str(ancestor)!r} is a file, so no folder can be made there; "
+                              "choose another path.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CheckpointError(f"Output {str(out_dir)!r}: folder {str(ancestor)!r} is not writable (read-only or not "
+                              "yours); choose a folder you can write to.")
 
 
 def check_stats_destination(path, overwrite: bool, reads: Iterable = (), out_dir=None) -> None:

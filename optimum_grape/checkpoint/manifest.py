@@ -34,8 +34,21 @@ def weight_files(folder: Path) -> list[Path]:
 def write_manifest(folder) -> None:
     folder = Path(folder)
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in weight_files(folder)}
-    text = json.dumps({"algorithm": "sha256", "files": files}, indent=2, sort_keys=True) + "\n"
+    # Every other file optimum-grape wrote, by name: what `overwrite` may replace (destinations.py).
+    written = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in files)
+    text = json.dumps({"algorithm": "sha256", "files": files, "written": written}, indent=2, sort_keys=True) + "\n"
     (folder / MANIFEST_FILE).write_text(text, encoding="utf-8")
+
+
+def written_names(folder: Path) -> set[str] | None:
+    """The names of every file optimum-grape wrote into `folder` (weights, manifest and the rest), or
+    None when its manifest is missing, damaged or older than this list."""
+    try:
+        data = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        names = set(data["files"]) | set(data["written"]) | {MANIFEST_FILE}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return names if all(isinstance(n, str) for n in names) else None
 
 
 def read_manifest(folder: Path) -> dict[str, dict]:

@@ -49,11 +49,17 @@ def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None,
     weight files (`checkpoint/manifest.py`). `overwrite` replaces only a checkpoint optimum-grape wrote, never
     the folder the model was loaded from (`destinations.check_destination`)."""
     out_dir = Path(out_dir)
+    if write_model is None and not _carries_grape_layout(model):
+        raise CheckpointError(f"{type(model).__name__} was never pruned by optimum-grape (its config has no 'grape' "
+                              "quantization_config), so its card would describe a pruning that did not happen. "
+                              "Call pruner.prune(model, data) or pruner.apply(model, plan) first, or save it with "
+                              "model.save_pretrained.")
     check_destination(out_dir, overwrite, reads=[getattr(model, "name_or_path", None) or None])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_folder(out_dir)
     try:
         write_folder(model, staging, tokenizer, plan, evaluation, base_model, write_model)
+        _usual_file_modes(staging)
         write_manifest(staging)
         if out_dir.exists():
             backup = staging_path(out_dir, "old")
@@ -66,6 +72,35 @@ def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None,
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _carries_grape_layout(model) -> bool:
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(getattr(method, "value", method)) == "grape"
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it, and
+    setting it for a moment affects files other threads create meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _usual_file_modes(folder: Path) -> None:
+    """safetensors writes weight files 0600; give every file the mode any other file gets here (0666
+    minus the umask), so a checkpoint shared on a server is readable like its config.json."""
+    umask = _umask()
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def push_folder(folder, repo_id: str, private=None, token=None, api=None):

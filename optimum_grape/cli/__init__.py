@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 # warnings (a CUDA kernel not found on a CPU machine, a torch.compile deprecation) say nothing about
 # pruning, and a command's output should be what the command measured.
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+# The shell's status for a command stopped by Ctrl-C (128 + SIGINT).
+INTERRUPTED_EXIT = 130
 
 
 def run_command(run, args, prog: str = "optimum-grape") -> int:
@@ -83,6 +85,11 @@ def run_command(run, args, prog: str = "optimum-grape") -> int:
     except GrapeError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Writes are staged beside the output and moved in whole, so an interrupt leaves nothing half-written.
+        print(f"{prog}: interrupted; a checkpoint being written was discarded, nothing half-written is left.",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,3 +57,34 @@ def parse_number(flag: str, value: str) -> float:
         return float(value)
     except ValueError:
         raise GrapeError(f"{flag} {value!r} is not a number.") from None
+
+
+def check_repo_id(flag: str, value: str) -> None:
+    """A Hub repository id `ORG/NAME` (what the Hub accepts), checked before any work."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        raise GrapeError(f"{flag} {value!r} is not a valid Hub repository id ({str(err).splitlines()[0]}); "
+                         "use ORG/NAME with letters, digits, '-', '_' and '.'.") from None
+    if "/" not in value:
+        raise GrapeError(f"{flag} {value!r} names no owner; use ORG/NAME, e.g. my-org/mixtral-grape.")
+
+
+def check_can_push(flag: str) -> None:
+    """Refuse an upload before any work when this process may not reach the Hub."""
+    from ..checkpoint.load import offline
+
+    if offline():
+        raise GrapeError(f"{flag} asks for an upload, but HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set; "
+                         "unset it, or write the folder only and upload it later with `huggingface-cli upload`.")
+
+
+def check_threshold(flag: str, value: float, minimum: float, example: str) -> None:
+    """A quality gate's limit: finite and at least `minimum` (NaN compares false and would pass all)."""
+    import math
+
+    if not math.isfinite(value) or value < minimum:
+        raise GrapeError(f"{flag} {value} must be a finite number >= {minimum}; use e.g. {example}.")

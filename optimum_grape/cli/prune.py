@@ -165,7 +165,7 @@ def run(args) -> int:
     from ..calibration import load_calibration_data
     from ..checkpoint.save import push_folder
     from ..checkpoint.destinations import check_destination, check_stats_destination
-    from .preflight import check_eval_tokens, read_plan_file, read_stats_file
+    from .preflight import check_can_push, check_eval_tokens, check_repo_id, read_plan_file, read_stats_file
     from .prune_job import PruneJob, run_prune_job
     from ..pruner import GrapePruner
 
@@ -183,6 +183,11 @@ def run(args) -> int:
                              "calibrated. Drop --save-stats.")
         check_stats_destination(args.save_stats, args.overwrite, reads, output)
     check_eval_tokens(args.eval_tokens)
+    if args.push_to_hub:
+        check_repo_id("--push-to-hub", args.push_to_hub)
+        check_can_push("--push-to-hub")
+    if args.base_model is not None:
+        check_repo_id("--base-model", args.base_model)
     plan = read_plan_file(args.plan) if args.plan is not None else None
     stats = read_stats_file(args.stats) if args.stats is not None else None
     pruner = GrapePruner(_plan_config(args, plan) if plan is not None else _config_from_args(args))

@@ -124,24 +124,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="calibration seed (default: 0)")
 
 
+def _read_manifest(path: Path) -> dict:
+    """The manifest of an earlier run in this work dir, checked before any pruning: a damaged one is
+    refused now rather than after every variant has been pruned and evaluated."""
+    if not path.exists():
+        return {"variants": []}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        manifest, why = None, f"cannot be read as JSON ({err})"
+    else:
+        why = "is not an object with a 'variants' list"
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("variants"), list)
+            and all(isinstance(v, dict) and "variant" in v for v in manifest["variants"])):
+        raise GrapeError(f"{path} {why}; move it away (it lists an earlier run's variants) or pass another "
+                         "--work-dir.")
+    return manifest
+
+
 def run(args) -> int:
     from ..config import GrapeConfig
     from ..methods import get_method
+
+    from .preflight import check_can_push, check_repo_id, check_threshold
 
     methods, ratios = _list("--methods", args.methods), _list("--ratios", args.ratios, float)
     for method in methods:
         get_method(method)
     for ratio in ratios:
         GrapeConfig(pruning_ratio=ratio)  # validates (0, 1) before any model is loaded
-    if args.max_ppl_ratio < 1.0:
-        raise GrapeError(f"--max-ppl-ratio {args.max_ppl_ratio} is below 1.0, which no pruned model can meet; "
-                         "use e.g. 1.5.")
-    if not args.dry_run and not os.environ.get("HF_TOKEN"):
-        raise GrapeError("HF_TOKEN is not set; export a Hub token with write access, or pass --dry-run.")
+    names = [variant_name(m, r) for m in methods for r in ratios]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise GrapeError(f"--methods {args.methods!r} --ratios {args.ratios!r} give the variant name(s) {twice} "
+                         "twice (a variant is named by its whole percent); give each ratio once, in whole percents.")
+    check_threshold("--max-ppl-ratio", args.max_ppl_ratio, 1.0, "1.5 (no pruned model meets less than 1.0)")
+    check_repo_id("--repo-prefix", f"{args.repo_prefix}-{names[0]}")
+    if args.base_model is not None:
+        check_repo_id("--base-model", args.base_model)
+    if not args.dry_run:
+        check_can_push("publish without --dry-run")
+        if not os.environ.get("HF_TOKEN"):
+            raise GrapeError("HF_TOKEN is not set; export a Hub token with write access, or pass --dry-run.")
     work_dir = Path(args.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    if work_dir.exists() and not work_dir.is_dir():
+        raise GrapeError(f"--work-dir {args.work_dir!r} is a file, not a folder; pass a folder for the variants.")
     manifest_path = work_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {"variants": []}
+    manifest = _read_manifest(manifest_path)
+    work_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for method in methods:
         for ratio in ratios:

@@ -60,3 +60,23 @@ def test_optional_sections_are_left_out_gracefully(tmp_path):
     (no_plan / "config.json").write_text(json.dumps(CONFIG))
     text = render_model_card(no_plan)
     assert "no `grape_plan.json`" in text and "## Experts per layer" not in text
+
+
+def test_text_from_a_shared_plan_cannot_add_html_links_or_rows_to_the_card(tmp_path):
+    # issue 25: plan metadata and grape_card.json were copied verbatim into README.md
+    evil = "<script>alert(1)</script> [click](javascript:alert(1)) | x |\n# Heading ```"
+    metadata = {"allocation": evil, "merge": evil, "similarity": evil * 1000,
+                "candidates": [{"name": evil, "experts_per_layer": evil, "score": "NaN"}],
+                "selection": {"metric": evil, "tokens": evil, "chosen": evil}}
+    inputs = {"base_model": "org/name\n[x](javascript:1)",
+              "evaluation": {evil: {"before": 1.0, "after": 2.0, "how": evil, "dataset": "x"}}}
+    folder = write_folder(tmp_path / "p", metadata, inputs)
+    text = render_model_card(folder, repo_or_path='x") ; import os ; os.system("echo' + "\n```")
+    body = text.split("---", 2)[2]
+    assert "<script>" not in text and "\n# Heading" not in text
+    assert "](javascript:" not in body.replace("\\](javascript:", "")  # only as escaped text, never a link
+    assert "&lt;script&gt;" in body and "\\[click\\]" in body
+    assert max(len(line) for line in body.splitlines() if "&lt;script" in line) < 600  # long text is cut
+    assert "base_model" not in text.split("---", 2)[1]  # not a repository id: left out of the metadata
+    assert body.count("```") % 2 == 0  # every code fence is closed where the template closes it
+    assert 'from_pretrained("x\\") ; import os ; os.system(\\"echo \\u0060\\u0060\\u0060")' in body

@@ -4,6 +4,7 @@ and `--overwrite` never replace what the job reads nor anything optimum-grape di
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from factories import random_token_batches, tiny_model
 from helpers import cli_prune, write_json
 from optimum_grape import CheckpointError, GrapeConfig, GrapePruner
+from optimum_grape.checkpoint.destinations import check_destination
 
 
 def pruner(**kwargs):
@@ -88,6 +90,38 @@ def test_non_empty_output_folder_is_refused_unless_overwrite(tmp_path):
         p.save_pretrained(model, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
     p.save_pretrained(model, tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "notes.txt").write_text("replaced with the checkpoint")
+    # a loose file of the user's inside an earlier checkpoint is never deleted by overwrite (issue 25)
+    (tmp_path / "ckpt" / "MY_NOTES.txt").write_text("the user's own")
+    before = sorted(q.name for q in (tmp_path / "ckpt").iterdir())
+    with pytest.raises(CheckpointError, match=r"MY_NOTES.txt.*not in its grape_manifest.json"):
+        p.save_pretrained(model, tmp_path / "ckpt", overwrite=True)
+    assert sorted(q.name for q in (tmp_path / "ckpt").iterdir()) == before
+    (tmp_path / "ckpt" / "MY_NOTES.txt").unlink()
+    (tmp_path / "ckpt" / "README.md").write_text("edited card: a file optimum-grape wrote, replaced")
     p.save_pretrained(model, tmp_path / "ckpt", overwrite=True)
-    assert (tmp_path / "ckpt" / "config.json").exists() and not (tmp_path / "ckpt" / "notes.txt").exists()
+    assert "edited card" not in (tmp_path / "ckpt" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("make", ["empty text", "link to an empty folder", "dangling link", "read-only parent"])
+def test_an_output_that_cannot_be_written_as_a_folder_is_refused_before_any_work(tmp_path, make):
+    # issue 25: each used to fail (or leave a hidden link behind) only after loading and pruning
+    if make == "empty text":
+        out = ""
+    elif make == "read-only parent":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        parent.chmod(0o555)
+        out = parent / "out"
+    else:
+        out = tmp_path / "link"
+        target = tmp_path / ("empty" if make == "link to an empty folder" else "missing")
+        if make == "link to an empty folder":
+            target.mkdir()
+        out.symlink_to(target)
+    before = sorted(str(q) for q in tmp_path.rglob("*"))
+    match = {"empty text": "empty text", "read-only parent": "not writable"}.get(make, "symbolic link")
+    with pytest.raises(CheckpointError, match=match):
+        check_destination(out, overwrite=True)
+    assert sorted(str(q) for q in tmp_path.rglob("*")) == before

@@ -1,5 +1,7 @@
 """Uploading a saved pruned folder (checkpoint/save.py): the weights first, the model card last."""
 
+import pytest
+
 from factories import random_token_batches, tiny_model
 from optimum_grape import GrapeConfig, GrapePruner
 
@@ -39,3 +41,29 @@ def test_push_uploads_weights_first_then_the_card(tmp_path):
     assert "README.md" not in api.calls[1][1] and "model.safetensors" in api.calls[1][1]
     assert "grape_plan.json" in api.calls[1][1]
     assert api.calls[2][1:] == ("README.md", "---")
+
+
+def test_weight_files_get_the_same_mode_as_the_other_files(tmp_path):
+    # issue 25: safetensors wrote the weights 0600 while config.json got 0644
+    import os
+
+    model = tiny_model("mixtral")
+    pruner = GrapePruner(GrapeConfig(pruning_ratio=0.25, num_samples=8, sequence_length=32, batch_size=4,
+                                     max_tokens_per_layer=128))
+    pruner.prune(model, random_token_batches())
+    umask = os.umask(0o022)
+    try:
+        folder = pruner.save_pretrained(model, tmp_path / "out")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_model_never_pruned_is_not_saved_as_a_pruned_checkpoint(tmp_path):
+    # issue 25: its card said it was pruned
+    from optimum_grape import CheckpointError
+
+    with pytest.raises(CheckpointError, match="never pruned by optimum-grape"):
+        GrapePruner(GrapeConfig(pruning_ratio=0.25)).save_pretrained(tiny_model("mixtral"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -37,3 +37,27 @@ def test_version():
 
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"optimum-grape {__version__}"
+
+
+def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(tmp_path):
+    # issue 25: an interrupt printed a KeyboardInterrupt traceback. A SIGINT lands while the command
+    # runs; the output folder must not exist afterwards, and stderr holds one line, no traceback.
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "optimum_grape", "prune", "default", "--output", str(out)],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    seen = []
+    for line in process.stderr:  # wait until the job is under way: calibration comes next
+        seen.append(line)
+        if line.startswith("Calibration data:"):
+            break
+    process.send_signal(signal.SIGINT)
+    stderr = "".join(seen) + process.communicate(timeout=120)[1]
+    lines = [line for line in stderr.splitlines() if "interrupted" in line or "Traceback" in line]
+    assert process.returncode == 130, stderr[-2000:]
+    assert lines == ["optimum-grape: interrupted; a checkpoint being written was discarded, nothing half-written "
+                     "is left."]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -61,6 +61,7 @@ def resolve_base(base: str) -> str:
 
 def load_base(base: str, trust_remote_code: bool, device_map=None):
     """Model and tokenizer from a folder or a Hub id (from the local cache only when offline)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"trust_remote_code": trust_remote_code, **({"local_files_only": True} if offline() else {})}
@@ -68,6 +69,17 @@ def load_base(base: str, trust_remote_code: bool, device_map=None):
     try:
         return (AutoModelForCausalLM.from_pretrained(base, **kwargs, **placement),
                 AutoTokenizer.from_pretrained(base, **kwargs))
+    except SafetensorError as err:
+        raise GrapeError(f"A weight file of {base!r} is damaged or truncated ({str(err).splitlines()[0]}); copy or "
+                         "download it again (`optimum-grape inspect --verify` checks a pruned checkpoint's files "
+                         "against its manifest).") from None
+    except RuntimeError as err:
+        # transformers reports weights whose shapes disagree with config.json (an edited expert count, a
+        # wrong router) as a RuntimeError after its load report.
+        raise GrapeError(f"The weights of {base!r} do not fit its config.json ({str(err).splitlines()[0]}); the "
+                         "load report above names the tensors. Restore the config (e.g. an edited "
+                         "num_local_experts) or the weights, and never load with ignore_mismatched_sizes=True.") \
+            from None
     except (OSError, ValueError) as err:
         where = "" if Path(base).exists() else (
             " It is not a local folder, and HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched."

@@ -1,7 +1,10 @@
 """Finding a base model by name (checkpoint/load.py): a local path that does not exist never reaches
 the network, and a Hub id with HF_HUB_OFFLINE set is looked up in the cache only."""
 
+import json
 import socket
+
+import pytest
 
 from transformers import AutoModelForCausalLM
 
@@ -31,3 +34,39 @@ def test_a_hub_id_with_hf_hub_offline_is_looked_up_in_the_cache_only(tmp_path, c
     monkeypatch.setattr(socket.socket, "connect", no_network)
     code, err = cli_prune(capsys, "no-such-org/no-such-model", "--output", tmp_path / "o")
     assert code == 2 and "HF_HUB_OFFLINE is set" in err
+
+
+def _truncate(base):
+    weights = base / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+
+
+def _out_of_bounds_header(base):
+    import struct
+
+    weights = base / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 10**9
+    text = json.dumps(header, separators=(",", ":")).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size:])
+
+
+def _edit_expert_count(base):
+    config = json.loads((base / "config.json").read_text())
+    config["num_local_experts"] = 6
+    (base / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage, needle", [(_truncate, "damaged or truncated"),
+                                            (_out_of_bounds_header, "damaged or truncated"),
+                                            (_edit_expert_count, "do not fit its config.json")])
+def test_a_damaged_base_is_refused_with_what_to_fix_not_a_traceback(ws, tmp_path, capsys, damage, needle):
+    # issue 25: a truncated file, a header past the end, an edited expert count gave raw tracebacks
+    damage(ws)
+    code, err = cli_prune(capsys, ws, "--output", tmp_path / "out")
+    assert code == 2 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_testbed_argument, chance_levels, cloze_accuracy, cloze_items, heldout_ids,  # noqa: E402
@@ -115,6 +116,7 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    transformers.utils.logging.disable_progress_bar()  # one line per run, not a bar per stage
     torch.manual_seed(0)
     started = time.perf_counter()
     base, tok = load_testbed(args.testbed)
@@ -136,6 +138,7 @@ def main() -> None:
         for line in partial.read_text().splitlines():
             record = json.loads(line)
             done[run_key(record)] = record
+    resumed = len(done)  # runs finished by an earlier, interrupted process: not in this process's wall time
     unpruned_key = ("none", None, 0.0, "", 0, None)
     if unpruned_key not in done:
         record = {"testbed": args.testbed, "method": "none", "allocation": None, "ratio": 0.0, "seed": 0,
@@ -186,7 +189,7 @@ def main() -> None:
             "task_runs": args.task_runs, "chance": chance_levels(tasks), "seeds": args.seeds,
             "calibration_sets": {s: CALIBRATION_SETS[s] and str(Path(CALIBRATION_SETS[s]).relative_to(BENCH.parent))
                                  for s in args.calibration_sets},
-            "wall_s": time.perf_counter() - started, "command": " ".join(["python", *sys.argv])}
+            "wall_s": time.perf_counter() - started, "resumed_runs": resumed, "command": " ".join(["python", *sys.argv])}
     (args.out / "quality.json").write_text(json.dumps(records, indent=1) + "\n")
     (args.out / "quality_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     partial.unlink()

@@ -138,6 +138,27 @@ def accuracy_table(records: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def is_earlier_run(meta: dict) -> bool:
+    """A run made before quality.py sampled calibration documents with seeds over several calibration
+    sets (and before GRAPE chose merge and cap end to end): one run per cell, seed 0."""
+    return "calibration_sets" not in meta
+
+
+def runs_described(meta: dict) -> str:
+    if is_earlier_run(meta):
+        return ("ONE run per cell (seed 0), made with an earlier version of the code (calibration read from the "
+                "start of the shipped text; GRAPE without the end-to-end choice of merge and cap); rerun with "
+                f"`{meta.get('command', 'python benchmarks/quality.py')}`")
+    sets = ", ".join(f"`{s}`" for s in meta["calibration_sets"])
+    return (f"mean ± standard deviation over seeds {', '.join(map(str, meta.get('seeds', [0])))} and calibration "
+            f"sets {sets} (`random`: its seed is the run's seed)")
+
+
+def _resumed(meta: dict, records: list[dict]) -> str:
+    resumed = meta.get("resumed_runs")
+    return f" for the last {len(records) - resumed} of {len(records)} runs: the run was resumed" if resumed else ""
+
+
 def testbed_report(testbed: str) -> str:
     folder = RESULTS / testbed
     records = json.loads((folder / "quality.json").read_text())
@@ -145,11 +166,9 @@ def testbed_report(testbed: str) -> str:
     base = records[0]
     real = meta.get("realism", {})
     domains = [d for d in base["perplexity_by_domain"] if d != "all"]
-    sets = ", ".join(f"`{s}`" for s in meta.get("calibration_sets", {}))
     lines = [f"Held-out perplexity / unpruned ({base['perplexity']:.2f} unpruned, token-weighted over "
-             f"{', '.join(domains)}; {meta.get('eval_tokens_per_domain')} tokens per domain): mean ± standard "
-             f"deviation over seeds {', '.join(map(str, meta.get('seeds', [0])))} and calibration sets {sets} "
-             "(`random`: its seed is the run's seed); lower is better, best mean per column in bold.", "",
+             f"{', '.join(domains)}; {meta.get('eval_tokens_per_domain')} tokens per domain): {runs_described(meta)}; "
+             "lower is better, best mean per column in bold.", "",
              _table(records, lambda r: ratio_of(r, base), min), ""]
     if base.get("task_correct"):
         n = meta.get("task_items")
@@ -162,7 +181,7 @@ def testbed_report(testbed: str) -> str:
               f"{real.get('min_share', float('nan')):.4f} (target >= {real.get('target_min_share', float('nan')):.4f}), "
               f"smallest per-layer normalised entropy {real.get('min_normalised_entropy', float('nan')):.4f} "
               f"(target >= 0.95). Regenerate: `{meta.get('command', 'python benchmarks/quality.py --testbed ' + testbed)}`"
-              + (f" ({wall / 3600:.1f} h here)." if wall else ".")]
+              + (f" ({wall / 3600:.1f} h here{_resumed(meta, records)})." if wall else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +195,7 @@ def summary_table(testbeds: list[str]) -> str:
              "",
              "| testbed | n | budget | GRAPE default (global) | best uniform method | REAP global | GRAPE uniform |",
              "|---|---|---|---|---|---|---|"]
+    earlier = [t for t in testbeds if is_earlier_run(json.loads((RESULTS / t / "quality_meta.json").read_text()))]
     for testbed in testbeds:
         records = json.loads((RESULTS / testbed / "quality.json").read_text())
         base = records[0]
@@ -188,8 +208,13 @@ def summary_table(testbeds: list[str]) -> str:
                        for n, g in groups.items() if (ratio, "uniform") in g}
             best = min(uniform, key=uniform.get)
             n = len(groups.get("grape", {}).get((ratio, "global"), []))
-            lines.append(f"| `{testbed}` | {n} | {ratio:.0%} | {cell('grape', 'global')} | {cell(best, 'uniform')} ({best}) | "
+            mark = " (earlier code)" if testbed in earlier else ""
+            lines.append(f"| `{testbed}`{mark} | {n} | {ratio:.0%} | {cell('grape', 'global')} | {cell(best, 'uniform')} ({best}) | "
                          f"{cell('reap', 'global')} | {cell('grape', 'uniform')} |")
+    if earlier:
+        lines += ["", f"(earlier code): {', '.join(f'`{t}`' for t in earlier)} were run once per cell before GRAPE "
+                  "sampled calibration documents and chose merge and cap end to end; its figures are that run's, "
+                  "not rerun with the current code."]
     return "\n".join(lines) + "\n"
 
 

@@ -19,8 +19,10 @@ from .base import AUTO, Candidate, Hyperparameter, PruningMethod
 # Gammas planned when entropy_tolerance='auto': from nearly uniform to no entropy bound at all. Each
 # is planned with and without the layer cap and scored end to end beside the uniform allocation.
 AUTO_GAMMAS = (0.01, 0.03, 0.1, 0.3, 1.0)
-# The global plan used when candidates cannot be scored (`plan(stats)` without a model): the gamma
-# the end-to-end choice picked most often on the benchmark testbeds (docs/methods.md, "Presets").
+# The global plan used when candidates cannot be scored (`plan(stats)` without a model): the lower of
+# the gammas the end-to-end choice picked on the default testbed (0.03 in 6 of 6 runs at 25%, 0.1 in 5
+# of 6 at 50%; benchmarks/results/default/quality.json, `chosen`): closer to uniform, so a plan nothing
+# checked errs toward caution.
 UNSCORED_GAMMA = 0.03
 # A merge whose cost kernel is at least this (a cost below 1% of the model's median merge cost: exact
 # or near copies) is free: it does not count against the layer cap.

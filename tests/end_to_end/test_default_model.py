@@ -1,5 +1,6 @@
 """The embedded default model: it loads offline, its tokenizer round-trips text, and it is a real
-language model (beats the bigram baseline recorded when it was trained)."""
+language model (beats the bigram baseline recorded when it was trained), and the README's main job
+gives the figures its quickstart paragraph quotes."""
 
 import json
 
@@ -59,3 +60,26 @@ def test_routing_is_balanced_in_every_layer_on_held_out_text(default):
         entropy = float(-(share * share.log()).sum()) / math.log(len(share))
         assert float(share.min()) >= 1 / (4 * len(share)), (layer, share.tolist())
         assert entropy >= 0.95, (layer, entropy)
+
+
+def test_the_readme_main_job_gives_the_figures_the_readme_quotes(tmp_path, capsys):
+    # The quickstart's main command as written (output folder moved to tmp), against the paragraph
+    # below it: the counts kept per layer and every perplexity before -> after (ratio).
+    import re
+    import shlex
+    from pathlib import Path
+
+    from optimum_grape.cli import main
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = re.search(r"<!-- quickstart:main -->\n```bash\n(.*)\n```", readme).group(1)
+    args = shlex.split(command.split("&&")[-1])[1:]  # after `optimum-grape`
+    args[args.index("--output") + 1] = str(tmp_path / "out")
+    paragraph = " ".join(readme[readme.index("With its defaults GRAPE measures"):].split("\n\n")[0].split())
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    kept = re.search(r"per-layer kept = (\[[\d, ]+\])", out).group(1)
+    assert f"`{kept}`" in paragraph
+    for domain, before, after, ratio in re.findall(r"held-out perplexity \[(\w+)\]: ([\d.]+) -> ([\d.]+) \(([\d.]+x)\)",
+                                                   out):
+        assert f"`{domain}` {before} -> {after} ({ratio})" in paragraph, (domain, before, after, ratio)

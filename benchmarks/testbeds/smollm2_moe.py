@@ -791,8 +791,17 @@ def stage_heal(dense, moe, tokenizer, train_win, args) -> dict:
             raise SystemExit(f"a healing checkpoint exists in {HEAL}: pass --resume to continue it, "
                              "--finalize to write the model from it, or --fresh to start over")
         state = load_heal_checkpoint(moe, opt)
-        if state["settings"] != settings:
+        others = lambda s: {k: v for k, v in s.items() if k != "steps"}  # noqa: E731
+        if others(state["settings"]) != others(settings):
             raise SystemExit(f"checkpoint was made with {state['settings']}, not {settings}; use --fresh")
+        if state["settings"]["steps"] != settings["steps"]:
+            if settings["steps"] <= state["step"]:
+                raise SystemExit(f"--steps {settings['steps']} is not beyond the {state['step']} steps already done")
+            # A shorter (or longer) cosine schedule from here on: recorded, so the build can be replayed.
+            state.setdefault("schedule_changes", []).append(
+                {"at_step": state["step"], "steps_before": state["settings"]["steps"], "steps": settings["steps"]})
+            log(f"schedule: {state['settings']['steps']} -> {settings['steps']} steps from step {state['step']}")
+            state["settings"] = settings
         log(f"resumed healing at step {state['step']}")
     calib = calibration_ids(tokenizer)
     if not state["curve"]:
@@ -915,6 +924,7 @@ def build_summary(args, argv, dense_eval, candidates, converted_eval, local_stat
         "local_healing": local_state and {"settings": local_state["settings"], "seconds": round(local_s, 1),
                                           "layers": local_state["layers"]},
         "healing": {"settings": heal_state["settings"], "steps_done": heal_state["step"],
+                    "schedule_changes": heal_state.get("schedule_changes", []),
                     "tokens_seen": heal_state["step"] * args.batch_size * SEQ_LEN,
                     "train_seconds": round(heal_state["train_seconds"], 1),
                     "train_cpu_seconds": round(heal_state["train_cpu_seconds"], 1),

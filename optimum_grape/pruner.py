@@ -70,7 +70,18 @@ class GrapePruner:
                   for layer in layers}
         check_budget(num_experts, floors, self.config.budget_for(sum(num_experts.values())))
         self.method.check(num_experts, self.config, floors)
+        self._check_sequence_length(model)
         return floors
+
+    def _check_sequence_length(self, model) -> None:
+        """Windows longer than the model's positions fail deep inside attention, or run for hours."""
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        positions = getattr(text_config, "max_position_embeddings", None)
+        if isinstance(positions, int) and self.config.sequence_length > positions:
+            raise GrapeConfigError(f"GrapeConfig.sequence_length={self.config.sequence_length} is longer than the "
+                                   f"model's {positions} positions (max_position_embeddings); use at most {positions}, "
+                                   "e.g. 256 (CLI: --sequence-length).")
 
     # -- 1. measure -------------------------------------------------------------------------------
     def prepare_data(self, data=None, tokenizer=None) -> list[torch.Tensor]:

@@ -140,3 +140,26 @@ def test_a_large_dataset_is_read_only_as_far_as_calibration_needs(tokenizer):
     sample = sample_windows(big, tokenizer, sequence_length=32, num_samples=4, held_aside=2, seed=0)
     assert sample.windows.shape == (4, 32) and sample.held_aside_unseen
     assert sample.documents_used < 100 and sample.documents_total == 20000
+
+
+def test_one_huge_document_is_tokenised_only_as_far_as_calibration_needs(tmp_path, tokenizer):
+    # issue 25: a 50 MB file without a blank line was tokenised whole (9.6 GB peak) to use 16k tokens
+    from optimum_grape.calibration.data import read_text_documents, sample_windows
+
+    words = " ".join(f"word{i % 997} says item{i % 13}" for i in range(400_000))  # about 9 MB, one document
+    (tmp_path / "huge.txt").write_text(words)
+    documents = read_text_documents(tmp_path / "huge.txt")
+    seen = []
+
+    class Spy:  # the real tokenizer, recording how much text it is given
+        eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, text, **kwargs):
+            seen.append(len(text))
+            return tokenizer(text, **kwargs)
+
+    sample = sample_windows(documents, Spy(), sequence_length=64, num_samples=8)
+    assert len(documents) == 1 and sample.windows.shape == (8, 64)
+    assert sum(seen) < 64 * 8 * 100 and max(seen) < len(words) / 100
+    whole = tokenizer(words[:20000], add_special_tokens=False)["input_ids"]
+    assert sample.windows.flatten().tolist() == whole[:8 * 64]  # the same tokens as tokenising it all

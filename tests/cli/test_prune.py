@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import run_cli
+from helpers import cli_prune, run_cli
 
 
 def test_prune_then_inspect(base_folder, pruned_cli, tmp_path):
@@ -80,3 +80,13 @@ def test_cuda_prune_plans_what_the_cpu_plans(tmp_path):
     assert cpu.returncode == 0 and gpu.returncode == 0, gpu.stderr[-2000:]
     plans = [json.loads((tmp_path / n / "grape_plan.json").read_text()) for n in ("cpu", "gpu")]
     assert plans[0]["experts_per_layer"] == plans[1]["experts_per_layer"]
+
+
+def test_windows_longer_than_the_model_positions_are_refused_before_calibration(base_folder, tmp_path, capsys):
+    # issue 25: --sequence-length 1000000 ran on (for hours) instead of being refused
+    from transformers import AutoConfig
+
+    positions = AutoConfig.from_pretrained(base_folder).max_position_embeddings
+    code, err = cli_prune(capsys, base_folder, "--output", tmp_path / "out", "--sequence-length", positions + 1)
+    assert code == 2 and f"longer than the model's {positions} positions" in err and "--sequence-length" in err
+    assert not (tmp_path / "out").exists()

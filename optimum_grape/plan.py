@@ -15,6 +15,11 @@ from .errors import PlanError
 from .validation import check_plan, check_plan_dict, check_plan_weights_present, normalise_plan
 
 
+# A plan of 100 layers x 1,024 experts with its weights and candidates is a few MB; a longer file is
+# not a plan (and its metadata would be copied into every checkpoint).
+MAX_PLAN_CHARS = 16 * 1024 * 1024
+
+
 @dataclass
 class PruningPlan:
     clusters: dict[int, list[list[int]]]
@@ -107,9 +112,15 @@ class PruningPlan:
 
     @classmethod
     def from_json(cls, text: str) -> "PruningPlan":
+        if len(text) > MAX_PLAN_CHARS:
+            raise PlanError(f"The plan is {len(text):,} characters long, more than any plan optimum-grape writes "
+                            f"({MAX_PLAN_CHARS:,} at most); pass the grape_plan.json written by optimum-grape.")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise PlanError(f"The plan is not valid JSON ({err}); pass the grape_plan.json written by optimum-grape "
                             "or fix the syntax.") from None
+        except RecursionError:
+            raise PlanError("The plan nests JSON deeper than Python can read; pass the grape_plan.json written by "
+                            "optimum-grape.") from None
         return cls.from_dict(data)

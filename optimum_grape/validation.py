@@ -122,6 +122,9 @@ def check_plan(plan) -> None:
                         "at least one MoE layer.")
     for layer, clusters in sorted(plan.clusters.items()):
         members = sorted(m for c in clusters for m in c)
+        if len(members) != plan.num_experts_before[layer]:  # before building 0..E-1 for any E written there
+            raise PlanError(f"Plan layer {layer}: clusters must partition experts 0..{plan.num_experts_before[layer] - 1} "
+                            f"exactly once; they hold {len(members)} expert ids.")
         expected = list(range(plan.num_experts_before[layer]))
         if members != expected or any(not c for c in clusters):
             raise PlanError(f"Plan layer {layer}: clusters must partition experts 0..{expected[-1]} exactly once; "

@@ -14,7 +14,8 @@ class GrapeConfigError(GrapeError, ValueError):
 
 
 class UnsupportedModelError(GrapeError, ValueError):
-    """The model is dense, or its MoE family has no adapter."""
+    """The model cannot be pruned as it is: it is dense, its MoE family has no adapter, or its
+    weights hold NaN or Inf."""
 
 
 class BudgetError(GrapeError, ValueError):

@@ -221,6 +221,20 @@ def compare(layer, routing: LayerRouting, obs: Observation) -> tuple[LayerRoutin
 
 
 @torch.no_grad()
+def check_finite(model) -> None:
+    """Refuse NaN or Inf weights by name, before routing is verified: a NaN propagates to every later
+    layer, so the routing check would blame the wrong layer and the wrong cause."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_meta or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+        where = f" (expert {bad[0]})" if tensor.dim() == 3 else ""
+        raise UnsupportedModelError(
+            f"{name}{where} holds NaN or Inf at index {bad}: the weights are damaged (or a training run diverged). "
+            "Load an intact copy of the model; pruning cannot repair it.")
+
+
+@torch.no_grad()
 def verify(model: nn.Module, adapter, layers) -> None:
     """Learn and verify every layer's routing and experts on sample tokens, or refuse the model."""
     observations = observe(model, layers)

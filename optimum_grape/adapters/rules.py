@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from .base import MoELayer, RoutingSpec
-from .routing import LayerRouting, learnt, router_logits_of, verify
+from .routing import LayerRouting, check_finite, learnt, router_logits_of, verify
 
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 ROUTER_LOGIT_NEEDS = {"router_logits", "expert_outputs"}  # statistics that include router logits on samples
@@ -109,4 +109,5 @@ class InferredRouting:
         """Verify routing and experts on sample tokens once per model (refuse with the reason otherwise)."""
         if all(learnt(layer) is not None for layer in layers):
             return
+        check_finite(model)
         verify(model, self, layers)

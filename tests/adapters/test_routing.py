@@ -54,3 +54,14 @@ def test_verification_runs_once_per_model_and_leaves_it_unchanged():
     assert routing.spec.scale == pytest.approx(2.5) and routing.choice_bias == "gate.e_score_correction_bias"
     assert find_moe_layers(model)[1][0].router is layers[0].router and learnt(layers[0]) is routing
     assert torch.equal(logits(model), before) and not model.training
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_name_not_as_an_unknown_routing_rule(value):
+    # issue 25: a NaN in one expert of layer 2 was reported as "routing rule not recognised" in layer 3
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        model.model.layers[2].mlp.experts.down_proj[5, 0, 0] = value
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.2\.mlp\.experts\.down_proj \(expert 5\) holds "
+                                                    r"NaN or Inf at index \[5, 0, 0\]"):
+        GrapePruner(GrapeConfig(pruning_ratio=0.25)).check(model)

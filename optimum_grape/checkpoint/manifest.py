@@ -87,4 +87,6 @@ def verify_folder(folder) -> tuple[list[str], list[str]]:
         else:
             verified.append(name)
     problems += [f"{p.name}: not listed in {MANIFEST_FILE}" for p in weight_files(folder) if p.name not in expected]
+    if not any(name.endswith(".safetensors") for name in expected):
+        problems.append(f"{MANIFEST_FILE} lists no weight file (*.safetensors): nothing here could be verified")
     return verified, problems

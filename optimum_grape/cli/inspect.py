@@ -28,15 +28,27 @@ def run(args) -> int:
     if not layout:
         print("not pruned by optimum-grape (no 'grape' quantization_config)")
         return 0
-    before = layout.get("num_experts_before", {})
+    before, after = layout.get("num_experts_before"), layout.get("experts_per_layer")
+    for name, value in (("num_experts_before", before), ("experts_per_layer", after)):
+        if not isinstance(value, dict) or not all(str(k).isdigit() and isinstance(v, int) for k, v in value.items()):
+            raise CheckpointError(f"{args.path}: config.json's pruned_layout.{name} is {type(value).__name__} "
+                                  f"{str(value)[:80]}, not an object {{layer: count}}; the config was edited or damaged "
+                                  "(restore it from the checkpoint's source).")
     print(f"method: {layout.get('method')}")
     print("layer  before  after")
-    for layer, count in layout["experts_per_layer"].items():
+    for layer, count in after.items():
         print(f"{int(layer):5d}  {before.get(layer, '?'):>6}  {count:>5}")
     plan = read_plan(args.path)
     if plan is not None:
         print(plan.summary())
-    print(f"num_local_experts_per_layer: {config.get('num_local_experts_per_layer')}")
+    per_layer = config.get("num_local_experts_per_layer")
+    print(f"num_local_experts_per_layer: {per_layer}")
+    counted = [c for c in per_layer or [] if c is not None]
+    if per_layer is not None and counted != list(after.values()):
+        print(f"optimum-grape: inspect: MISMATCH: num_local_experts_per_layer {counted} (without dense layers) differs "
+              f"from pruned_layout.experts_per_layer {list(after.values())}; the config was edited: it will not load "
+              "as written.", file=sys.stderr)
+        return 1
     return 0
 
 

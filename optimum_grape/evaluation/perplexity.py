@@ -93,7 +93,9 @@ def count_parameters(model) -> int:
 
 
 def folder_bytes(folder) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+    """Bytes of the weight files transformers loads from `folder`: its own, not those of a checkpoint
+    kept in a sub-folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors") if p.is_file())
 
 
 def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ checkpoint carries its per-layer expert counts in `config.json` (docs/design.md,
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -191,9 +192,11 @@ class GrapeConfig(QuantizationConfigMixin):
                 f"GrapeConfig.entropy_tolerance={gamma!r} must be a number in [0, 1] or 'auto' (measured choice)."
             )
         cap = self.layer_cap
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap < 1.0):
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)
+                                or cap < 1.0):
             raise GrapeConfigError(
-                f"GrapeConfig.layer_cap={cap!r} must be a number >= 1 (times the average cut per layer) or None."
+                f"GrapeConfig.layer_cap={cap!r} must be a finite number >= 1 (times the average cut per layer) or "
+                "None (no cap)."
             )
         if not isinstance(self.protect_super_experts, bool):
             raise GrapeConfigError(

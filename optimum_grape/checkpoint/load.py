@@ -86,6 +86,10 @@ def load_base(base: str, trust_remote_code: bool, device_map=None):
             if offline() else " It is not a local folder; as a Hub id it could not be fetched.")
         raise GrapeError(f"Cannot load a causal LM and its tokenizer from {base!r}.{where} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    except Exception as err:  # noqa: BLE001 -- transformers fails in its own ways on a malformed config.json
+        raise GrapeError(f"transformers cannot load {base!r} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'no message'}); its config.json or weights are "
+                         "malformed or edited: restore them from the model's source.") from None
 
 
 

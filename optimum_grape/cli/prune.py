@@ -174,6 +174,8 @@ def run(args) -> int:
     _check_placement(args)
     # Everything that can be refused is checked before the model is loaded; nothing a job reads is
     # ever a path it writes.
+    if not args.output.strip():  # Path("") is ".", the current folder
+        raise GrapeError("--output is empty text; give a new folder path such as ./mixtral-grape-25.")
     output = Path(args.output)
     reads = [default_model_path() if args.base == DEFAULT_MODEL else args.base, args.plan, args.stats, args.dataset]
     check_destination(output, args.overwrite, reads)

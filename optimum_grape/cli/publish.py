@@ -166,6 +166,8 @@ def run(args) -> int:
         check_can_push("publish without --dry-run")
         if not os.environ.get("HF_TOKEN"):
             raise GrapeError("HF_TOKEN is not set; export a Hub token with write access, or pass --dry-run.")
+    if not args.work_dir.strip():  # Path("") is ".", the current folder
+        raise GrapeError("--work-dir is empty text; give a folder for the variants such as grape-variants.")
     work_dir = Path(args.work_dir)
     if work_dir.exists() and not work_dir.is_dir():
         raise GrapeError(f"--work-dir {args.work_dir!r} is a file, not a folder; pass a folder for the variants.")

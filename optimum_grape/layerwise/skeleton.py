@@ -47,6 +47,17 @@ def _return_freed_tensors_to_the_os():
     libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
+def _apply_pruned_layout(model, config) -> None:
+    """A checkpoint optimum-grape pruned keeps its own count per layer: shape the empty model to it,
+    as the 'grape' quantizer does when transformers loads the checkpoint whole."""
+    from ..merging.apply import resize_to_layout
+
+    quant = getattr(config, "quantization_config", None)
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+    if isinstance(quant, dict) and quant.get("quant_method") == "grape" and quant.get("pruned_layout"):
+        resize_to_layout(model, quant["pruned_layout"])
+
+
 class Skeleton:
     """The meta-device model of a checkpoint folder and its parts, loadable one at a time."""
 
@@ -71,6 +82,7 @@ class Skeleton:
             else:
                 self.model = cls._from_config(config, dtype=self.dtype)
         self.model.eval()
+        _apply_pruned_layout(self.model, config)
         if self.model.can_generate():  # as from_pretrained reads it
             from transformers import GenerationConfig
 

@@ -106,3 +106,18 @@ def test_a_saved_plan_gives_the_same_weights_in_memory_and_layer_by_layer(tmp_pa
     assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
     merged = json.loads((tmp_path / "memory" / "grape_plan.json").read_text())["metadata"]["merged_with_data"]
     assert merged["align_on_activations"] is True  # the merges used the calibration data
+
+
+def test_a_checkpoint_with_per_layer_counts_prunes_again_layer_by_layer_as_in_memory(tmp_path):
+    # issue 25: GRAPE's default output (non-uniform counts) failed layer by layer with "parameters are
+    # still missing": the empty model was built with the base count in every layer
+    first = run_cli("prune", "default", "--ratio", "0.25", "--num-samples", "8", "--selection-samples", "2",
+                    "--output", tmp_path / "first")
+    assert first.returncode == 0, first.stderr[-2000:]
+    counts = json.loads((tmp_path / "first" / "config.json").read_text())["num_local_experts_per_layer"]
+    assert len(set(counts)) > 1
+    again = ["prune", tmp_path / "first", "--ratio", "0.25", "--num-samples", "8", "--selection-samples", "2"]
+    for name, extra in (("memory", []), ("streamed", ["--layer-by-layer"])):
+        result = run_cli(*again, "--output", tmp_path / name, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")

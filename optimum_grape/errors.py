@@ -40,3 +40,11 @@ class StatsError(GrapeError, ValueError):
 
 class RegistrationError(GrapeError, ValueError):
     """A model family or a method is registered twice, or registered with an invalid description."""
+
+
+def remote_code_hint(message: str) -> str:
+    """The fix to add when transformers refused a model because it ships its own Python code."""
+    if "trust_remote_code" in message or "custom code" in message:
+        return (" This model ships its own Python code (config.json's auto_map): read it, then pass "
+                "--trust-remote-code (Python: trust_remote_code=True) to run it.")
+    return ""

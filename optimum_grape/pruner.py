@@ -17,7 +17,8 @@ from transformers.utils.logging import tqdm  # honours disable_progress_bar() an
 
 from .adapters import find_moe_layers
 from .algorithms.budget import check_budget
-from .calibration import distributed, load_calibration_data, recording, sample_windows, warn_if_little_data
+from .calibration import (check_token_ids, distributed, load_calibration_data, recording, sample_windows,
+                          warn_if_little_data)
 from .calibration.recorder import set_batch
 from .checkpoint.save import push_pruned, save_pruned
 from .config import GrapeConfig
@@ -70,7 +71,6 @@ class GrapePruner:
                   for layer in layers}
         check_budget(num_experts, floors, self.config.budget_for(sum(num_experts.values())))
         self.method.check(num_experts, self.config, floors)
-        self._check_sequence_length(model)
         return floors
 
     def _check_sequence_length(self, model) -> None:
@@ -81,17 +81,22 @@ class GrapePruner:
         if isinstance(positions, int) and self.config.sequence_length > positions:
             raise GrapeConfigError(f"GrapeConfig.sequence_length={self.config.sequence_length} is longer than the "
                                    f"model's {positions} positions (max_position_embeddings); use at most {positions}, "
-                                   "e.g. 256 (CLI: --sequence-length).")
+                                   f"e.g. {min(256, positions)} (CLI: --sequence-length).")
 
     # -- 1. measure -------------------------------------------------------------------------------
-    def prepare_data(self, data=None, tokenizer=None) -> list[torch.Tensor]:
+    def prepare_data(self, data=None, tokenizer=None, model=None) -> list[torch.Tensor]:
         """Tokenise the calibration data into the batches calibration records (`calibration_batches`,
         also used to merge with data) and the windows held aside to score candidate plans
         (`selection_batches`). `calibrate` calls it; call it yourself to plan saved statistics with
-        the model (`plan(stats, model)`) without calibrating again."""
+        the model (`plan(stats, model)`) without calibrating again. With `model`, token ids beyond its
+        vocabulary (a tokenizer of another model) are refused here, not deep inside the forward."""
         c = self.config
         data = load_calibration_data(c.dataset if data is None else data)
+        if model is not None:
+            self._check_sequence_length(model)
         sample = sample_windows(data, tokenizer, c.sequence_length, c.num_samples, c.selection_samples, c.seed)
+        if model is not None:
+            check_token_ids(torch.cat([sample.windows.flatten(), sample.held_aside.flatten()]), model)
         self.calibration_batches = list(sample.windows.split(c.batch_size))
         logger.info("Calibration data: %d windows of %d tokens (+%d held aside to score plans) from %d of %d documents, "
                     "visited in an order shuffled with seed %d", sample.windows.shape[0], sample.windows.shape[1],
@@ -124,7 +129,7 @@ class GrapePruner:
                                    "layer_by_layer=False to calibrate a model already in memory.")
         module = getattr(model, "module", model)  # a LayerwiseModel's meta-device skeleton
         self.check(module)
-        batches = self.prepare_data(data, tokenizer)
+        batches = self.prepare_data(data, tokenizer, module)
         adapter, layers = find_moe_layers(module)
         warn_if_little_data(sum(b.numel() for b in batches), layers)
         needs = frozenset(self.method.needs) | frozenset(extra_needs)
@@ -239,10 +244,10 @@ class GrapePruner:
                 if save_stats:
                     stats.save(save_stats)
             else:
-                self.prepare_data(data, tokenizer)
+                self.prepare_data(data, tokenizer, model.module)
             plan = self.plan(stats, model)
         else:
-            self.prepare_data(data, tokenizer)
+            self.prepare_data(data, tokenizer, model.module)
             if check_model:
                 check_fingerprint(plan.model_fingerprint, None, {
                     "model_type": model.config.model_type, "architecture": type(model.module).__name__,

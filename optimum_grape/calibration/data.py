@@ -254,3 +254,17 @@ def calibration_batches(data: Any, tokenizer=None, num_samples: int = 64, sequen
                         batch_size: int = 8, seed: int = 0) -> list[torch.Tensor]:
     """The calibration windows `GrapePruner` records (`sample_windows`), grouped in batches."""
     return list(sample_windows(data, tokenizer, sequence_length, num_samples, 0, seed).windows.split(batch_size))
+
+
+def check_token_ids(ids: torch.Tensor, model) -> None:
+    """Every calibration token id must index the model's input embedding."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None or ids.numel() == 0:
+        return
+    largest, smallest = int(ids.max()), int(ids.min())
+    if largest >= rows or smallest < 0:
+        raise CalibrationDataError(
+            f"Calibration token ids run from {smallest} to {largest}, but the model's embedding has {rows} rows "
+            "(ids 0.." f"{rows - 1}): the tokenizer (or the token ids given) belongs to another model. Use the "
+            "model's own tokenizer.")

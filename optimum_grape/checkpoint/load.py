@@ -9,7 +9,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from ..errors import GrapeError
+from ..errors import GrapeError, remote_code_hint
 
 DEFAULT_MODEL = "default"
 
@@ -84,8 +84,9 @@ def load_base(base: str, trust_remote_code: bool, device_map=None):
         where = "" if Path(base).exists() else (
             " It is not a local folder, and HF_HUB_OFFLINE is set, so only the local Hugging Face cache was searched."
             if offline() else " It is not a local folder; as a Hub id it could not be fetched.")
+        hint = "" if trust_remote_code else remote_code_hint(str(err))
         raise GrapeError(f"Cannot load a causal LM and its tokenizer from {base!r}.{where} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+                         f"{str(err).splitlines()[0] if str(err) else ''}){hint}") from None
     except Exception as err:  # noqa: BLE001 -- transformers fails in its own ways on a malformed config.json
         raise GrapeError(f"transformers cannot load {base!r} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'no message'}); its config.json or weights are "

@@ -85,10 +85,10 @@ def run_prune_job(job: PruneJob, pruner) -> JobReport:
             if job.save_stats and distributed.rank() == 0:
                 stats.save(job.save_stats)
         else:
-            pruner.prepare_data(job.data, tokenizer)  # held-aside windows to score candidates, data to merge with
+            pruner.prepare_data(job.data, tokenizer, model)  # held-aside windows to score candidates, data to merge with
         plan = pruner.plan(stats, model)  # scores GRAPE's candidate plans on held-aside calibration text
     else:
-        pruner.prepare_data(job.data, tokenizer)  # a saved plan merges on the same data as layer by layer
+        pruner.prepare_data(job.data, tokenizer, model)  # a saved plan merges on the same data as layer by layer
     if distributed.rank() != 0:  # every rank planned the same plan; rank 0 applies and writes it
         return JobReport(output=Path(job.output), plan=plan, params=(params_before, params_before), bytes=None)
     pruner.apply(model, plan, check_model=job.check_model)

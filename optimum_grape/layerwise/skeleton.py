@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..adapters.fused import decoder_of
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, remote_code_hint
 from .checkpoint_index import CheckpointIndex
 
 logger = logging.getLogger("optimum_grape")
@@ -70,7 +70,12 @@ class Skeleton:
         _return_freed_tensors_to_the_os()
         self.folder = folder
         self.index = CheckpointIndex(folder)
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            hint = "" if trust_remote_code else remote_code_hint(str(err))
+            raise UnsupportedModelError(f"Cannot read the config of {str(folder)!r} ({type(err).__name__}: "
+                                        f"{str(err).splitlines()[0] if str(err) else ''}).{hint}") from None
         dtype = getattr(config, "dtype", None)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.dtype = dtype or self.index.first_float_dtype() or torch.float32

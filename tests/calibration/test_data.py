@@ -79,7 +79,7 @@ def test_non_data_passed_to_calibrate_is_named():
 
 
 def test_a_tiny_calibration_warns(caplog):
-    pruner = GrapePruner(GrapeConfig(pruning_ratio=0.25, selection_samples=0))
+    pruner = GrapePruner(GrapeConfig(pruning_ratio=0.25, selection_samples=0, sequence_length=64))
     with caplog.at_level(logging.WARNING, logger="optimum_grape"):
         pruner.calibrate(tiny_model("mixtral"), [torch.arange(4)])
     assert "Calibration has only 4 tokens" in caplog.text

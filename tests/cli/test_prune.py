@@ -25,7 +25,8 @@ def test_prune_then_inspect(base_folder, pruned_cli, tmp_path):
     assert sum(config["quantization_config"]["pruned_layout"]["experts_per_layer"].values()) == 24
 
     # Re-apply the saved plan without calibrating: same layout.
-    again = run_cli("prune", base_folder, "--output", tmp_path / "replayed", "--plan", out / "grape_plan.json")
+    again = run_cli("prune", base_folder, "--output", tmp_path / "replayed", "--plan", out / "grape_plan.json",
+                    "--sequence-length", "32")
     assert again.returncode == 0, again.stderr[-2000:]
     replayed = json.loads((tmp_path / "replayed" / "config.json").read_text())
     assert replayed["num_local_experts_per_layer"] == config["num_local_experts_per_layer"]
@@ -89,4 +90,30 @@ def test_windows_longer_than_the_model_positions_are_refused_before_calibration(
     positions = AutoConfig.from_pretrained(base_folder).max_position_embeddings
     code, err = cli_prune(capsys, base_folder, "--output", tmp_path / "out", "--sequence-length", positions + 1)
     assert code == 2 and f"longer than the model's {positions} positions" in err and "--sequence-length" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", [[], ["--layer-by-layer"]])
+def test_a_model_with_its_own_code_names_trust_remote_code_in_both_modes(tmp_path, capsys, mode):
+    # issue 25: layer by layer gave a raw traceback; in memory the message did not name the flag
+    from factories import tiny_model
+
+    tiny_model("modulelist").save_pretrained(tmp_path / "base")
+    code, err = cli_prune(capsys, tmp_path / "base", "--output", tmp_path / "out", *mode)
+    assert code == 2 and "pass --trust-remote-code" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", [[], ["--layer-by-layer"]])
+def test_a_tokenizer_of_another_model_is_refused_before_calibration(ws, tmp_path, capsys, mode):
+    # token ids past the model's embedding failed with an IndexError deep inside the forward
+    import shutil
+
+    from optimum_grape.cli import default_model_path
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_path() / name, ws / name)  # a 4,096-token vocabulary for a 96-row embedding
+    code, err = cli_prune(capsys, ws, "--output", tmp_path / "out", "--num-samples", "4", "--sequence-length", "16",
+                          *mode)
+    assert code == 2 and "belongs to another model" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()

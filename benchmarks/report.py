@@ -85,6 +85,10 @@ def bootstrap_interval(hits_by_task: dict[str, list[int]], draws: int = 2000, se
     return float(means.quantile(0.025)), float(means.quantile(0.975))
 
 
+# GRAPE's reported average gain in zero-shot accuracy over the best local baseline (arXiv 2604.06542).
+PAPER_GAIN = 1.40
+
+
 def paired_difference(a: dict[str, list[int]], b: dict[str, list[int]], draws: int = 2000, seed: int = 0
                       ) -> tuple[float, float, float]:
     """Mean accuracy over tasks of `a` minus `b`, in points, with its 95% paired bootstrap interval
@@ -112,8 +116,11 @@ def accuracy_comparison(records: list[dict]) -> list[str]:
             continue
         best = max(uniform, key=lambda r: r["task_accuracy"])
         point, low, high = paired_difference(grape["task_correct"], best["task_correct"])
+        verdict = "beats it" if low > 0 else "is behind it" if high < 0 else "is not separated from it"
         lines.append(f"At {ratio:.0%}: GRAPE's default (global) minus the best uniform run ({label(best)}): "
-                     f"{point:+.2f} points of mean accuracy (95% paired bootstrap interval {low:+.2f} to {high:+.2f}).")
+                     f"{point:+.2f} points of mean accuracy (95% paired bootstrap interval {low:+.2f} to {high:+.2f}): "
+                     f"GRAPE {verdict} at 95%; the paper reports {PAPER_GAIN:+.2f} points over the best local "
+                     "baseline on average.")
     return lines
 
 
@@ -211,6 +218,12 @@ def summary_table(testbeds: list[str]) -> str:
             mark = " (earlier code)" if testbed in earlier else ""
             lines.append(f"| `{testbed}`{mark} | {n} | {ratio:.0%} | {cell('grape', 'global')} | {cell(best, 'uniform')} ({best}) | "
                          f"{cell('reap', 'global')} | {cell('grape', 'uniform')} |")
+    for testbed in testbeds:
+        records = json.loads((RESULTS / testbed / "quality.json").read_text())
+        if testbed not in earlier and any(r.get("task_correct") for r in records[1:]):
+            meta = json.loads((RESULTS / testbed / "quality_meta.json").read_text())
+            lines += ["", f"Zero-shot accuracy on `{testbed}` ({', '.join(meta['tasks'])}, {meta['task_items']} "
+                      "documents each):"] + [f"- {line}" for line in accuracy_comparison(records)]
     if earlier:
         lines += ["", f"(earlier code): {', '.join(f'`{t}`' for t in earlier)} were run once per cell before GRAPE "
                   "sampled calibration documents and chose merge and cap end to end; its figures are that run's, "

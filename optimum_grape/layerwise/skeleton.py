@@ -127,12 +127,14 @@ class Skeleton:
         by_target: dict[str, list[str]] = {}
         for key in self.groups.get(group, []):
             by_target.setdefault(self._target_of(key), []).append(key)
+        mismatched = []
         for keys in sorted(by_target.values(), key=lambda ks: -sum(self.index.nbytes(k) for k in ks)):
             state = {key: self.index.read(key) for key in keys}
             mapping = copy.deepcopy(self.mapping)
             config = LoadStateDictConfig(dtype=self.dtype, dtype_plan=self.model._get_dtype_plan(self.dtype),
                                          weight_mapping=mapping)
-            convert_and_load_state_dict_in_model(self.model, state, config)
+            info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+            mismatched += sorted(map(str, getattr(info, "mismatched_keys", ()) or ()))
             del state
             for original, used in zip(self.mapping, mapping):
                 if used.was_used():
@@ -141,6 +143,11 @@ class Skeleton:
             self.model.tie_weights()
         module = self.part(group)
         still = [n for n, p in self._own_parameters(module, group) if p.is_meta]
+        if still and mismatched:
+            raise UnsupportedModelError(
+                f"The weights of {'the non-layer part' if group is REST else f'decoder layer {group}'} in {self.folder} "
+                f"do not fit its config.json (shape mismatch, e.g. {mismatched[0]}): restore the config (an edited "
+                "expert count?) or the weights.")
         if still:
             raise UnsupportedModelError(
                 f"After loading {'the non-layer weights' if group is REST else f'decoder layer {group}'} from "

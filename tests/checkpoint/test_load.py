@@ -61,12 +61,17 @@ def _edit_expert_count(base):
     (base / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("damage, needle", [(_truncate, "damaged or truncated"),
-                                            (_out_of_bounds_header, "damaged or truncated"),
+@pytest.mark.parametrize("mode", [[], ["--layer-by-layer"]])
+@pytest.mark.parametrize("damage, needle", [(_truncate, "(damaged or truncated|Cannot read weight file)"),
+                                            (_out_of_bounds_header, "(damaged or truncated|Cannot read weight file)"),
                                             (_edit_expert_count, "do not fit its config.json")])
-def test_a_damaged_base_is_refused_with_what_to_fix_not_a_traceback(ws, tmp_path, capsys, damage, needle):
-    # issue 25: a truncated file, a header past the end, an edited expert count gave raw tracebacks
+def test_a_damaged_base_is_refused_with_what_to_fix_not_a_traceback(ws, tmp_path, capsys, damage, needle, mode):
+    # issue 25: a truncated file, a header past the end, an edited expert count gave raw tracebacks in
+    # memory; layer by layer called an edited expert count "missing parameters"
+    import re
+
     damage(ws)
-    code, err = cli_prune(capsys, ws, "--output", tmp_path / "out")
-    assert code == 2 and needle in err and "Traceback" not in err
+    code, err = cli_prune(capsys, ws, "--output", tmp_path / "out", "--sequence-length", "32", *mode)
+    assert re.search(needle, err), err
+    assert code == 2 and "Traceback" not in err
     assert not (tmp_path / "out").exists()

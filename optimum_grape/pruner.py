@@ -18,7 +18,7 @@ from transformers.utils.logging import tqdm  # honours disable_progress_bar() an
 from .adapters import find_moe_layers
 from .algorithms.budget import check_budget
 from .calibration import (check_token_ids, distributed, load_calibration_data, recording, sample_windows,
-                          warn_if_little_data)
+                          warn_if_degenerate, warn_if_little_data)
 from .calibration.recorder import set_batch
 from .checkpoint.save import push_pruned, save_pruned
 from .config import GrapeConfig
@@ -97,6 +97,7 @@ class GrapePruner:
         sample = sample_windows(data, tokenizer, c.sequence_length, c.num_samples, c.selection_samples, c.seed)
         if model is not None:
             check_token_ids(torch.cat([sample.windows.flatten(), sample.held_aside.flatten()]), model)
+        warn_if_degenerate(sample.windows)
         self.calibration_batches = list(sample.windows.split(c.batch_size))
         logger.info("Calibration data: %d windows of %d tokens (+%d held aside to score plans) from %d of %d documents, "
                     "visited in an order shuffled with seed %d", sample.windows.shape[0], sample.windows.shape[1],

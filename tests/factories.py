@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from optimum_grape.stats import ExpertStats
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=128, num_experts_per_tok=2)
+              max_position_embeddings=512, num_experts_per_tok=2)
 MLA = dict(kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=8, head_dim=4)
 # DeepSeek/GLM4 style: layer 0 dense, 2 groups of experts, the best group chosen per token.
 GROUPED = dict(intermediate_size=64, moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,

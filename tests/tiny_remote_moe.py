@@ -20,7 +20,7 @@ def remote_moe_folder(layers: int, experts: int) -> Path:
         shutil.copy(source, folder / source.name)
     config = dict(model_type="tiny_moe", architectures=["TinyMoeForCausalLM"], vocab_size=96, hidden_size=32,
                   intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128, num_local_experts=experts, num_experts_per_tok=2,
+                  max_position_embeddings=512, num_local_experts=experts, num_experts_per_tok=2,
                   auto_map={"AutoConfig": "configuration_tiny_moe.TinyMoeConfig",
                             "AutoModelForCausalLM": "modeling_tiny_moe.TinyMoeForCausalLM"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -225,6 +225,8 @@ def check_finite(model) -> None:
     """Refuse NaN or Inf weights by name, before routing is verified: a NaN propagates to every later
     layer, so the routing check would blame the wrong layer and the wrong cause."""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if type(tensor.data) is not torch.Tensor:  # a quantized tensor subclass (torchao, bnb): ops are limited
+            continue
         if tensor.is_meta or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
             continue
         bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()

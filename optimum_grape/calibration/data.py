@@ -114,6 +114,20 @@ def warn_if_little_data(num_tokens: int, layers) -> None:
             MIN_ROUTED_PER_EXPERT)
 
 
+# Calibration text with fewer distinct tokens than this share of its length (a repeated character,
+# one line pasted many times) says little about how the model routes real text.
+MIN_DISTINCT_SHARE = 0.02
+
+
+def warn_if_degenerate(windows: torch.Tensor) -> None:
+    distinct, total = int(torch.unique(windows).numel()), int(windows.numel())
+    if total >= 256 and distinct < max(16, MIN_DISTINCT_SHARE * total):
+        logger.warning(
+            "Calibration data is degenerate: %d distinct tokens in %d (a repeated character or line?). The statistics "
+            "will describe the model on this text only; give ordinary text from the domains you care about "
+            "(GrapeConfig.dataset / --dataset).", distinct, total)
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of `text` without special tokens. Long documents are expected here (we pack them
     into windows ourselves), so fast tokenizers are called directly, without transformers' warning

@@ -113,3 +113,22 @@ def check_stats_destination(path, overwrite: bool, reads: Iterable = (), out_dir
     if path.exists() and not overwrite:
         raise CheckpointError(f"--save-stats {str(path)!r} exists; pass --overwrite to replace it or choose another "
                               "file.")
+
+
+def check_free_space(out_dir, base, ratio: float | None) -> None:
+    """Refuse before any work when the output cannot fit: pruning removes at most `ratio` of the
+    base's weights, so the checkpoint needs at least (1 - ratio) x the base's weight files (it is
+    staged beside `out_dir` before it replaces anything)."""
+    import shutil
+
+    if ratio is None or base is None or not Path(base).is_dir():
+        return
+    needed = (1.0 - ratio) * sum(p.stat().st_size for p in Path(base).glob("*.safetensors") if p.is_file())
+    ancestor = Path(out_dir).absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    free = shutil.disk_usage(ancestor).free
+    if free < needed:
+        raise CheckpointError(f"Output {str(out_dir)!r}: {free / 1e9:.2f} GB free on its disk, but the pruned checkpoint "
+                              f"needs at least {needed / 1e9:.2f} GB ({1 - ratio:.0%} of the base's weight files). Free "
+                              "some space or write elsewhere.")

@@ -164,7 +164,7 @@ def _gamma(value: str | None):
 def run(args) -> int:
     from ..calibration import load_calibration_data
     from ..checkpoint.save import push_folder
-    from ..checkpoint.destinations import check_destination, check_stats_destination
+    from ..checkpoint.destinations import check_destination, check_free_space, check_stats_destination
     from .preflight import check_can_push, check_eval_tokens, check_repo_id, read_plan_file, read_stats_file
     from .prune_job import PruneJob, run_prune_job
     from ..pruner import GrapePruner
@@ -179,6 +179,8 @@ def run(args) -> int:
     output = Path(args.output)
     reads = [default_model_path() if args.base == DEFAULT_MODEL else args.base, args.plan, args.stats, args.dataset]
     check_destination(output, args.overwrite, reads)
+    if args.plan is None and args.num_experts_to_prune is None:
+        check_free_space(output, reads[0], 0.25 if args.ratio is None else args.ratio)
     if args.save_stats:
         if args.plan or args.stats:
             raise GrapeError("--save-stats writes what calibration measures; with --plan or --stats nothing is "

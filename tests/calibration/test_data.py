@@ -163,3 +163,18 @@ def test_one_huge_document_is_tokenised_only_as_far_as_calibration_needs(tmp_pat
     assert sum(seen) < 64 * 8 * 100 and max(seen) < len(words) / 100
     whole = tokenizer(words[:20000], add_special_tokens=False)["input_ids"]
     assert sample.windows.flatten().tolist() == whole[:8 * 64]  # the same tokens as tokenising it all
+
+
+def test_degenerate_calibration_text_warns(tmp_path, tokenizer, caplog):
+    # issue 25: a file of one repeated character was used without a word
+    (tmp_path / "same.txt").write_text("a " * 20000)
+    pruner = GrapePruner(GrapeConfig(pruning_ratio=0.25, dataset=str(tmp_path / "same.txt"), num_samples=8,
+                                     sequence_length=64, selection_samples=0))
+    with caplog.at_level(logging.WARNING, logger="optimum_grape"):
+        pruner.prepare_data(tokenizer=tokenizer)
+    assert "Calibration data is degenerate" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="optimum_grape"):
+        GrapePruner(GrapeConfig(pruning_ratio=0.25, num_samples=8, sequence_length=64)).prepare_data(
+            tokenizer=tokenizer)
+    assert "degenerate" not in caplog.text  # the shipped text

@@ -125,3 +125,16 @@ def test_an_output_that_cannot_be_written_as_a_folder_is_refused_before_any_work
     with pytest.raises(CheckpointError, match=match):
         check_destination(out, overwrite=True)
     assert sorted(str(q) for q in tmp_path.rglob("*")) == before
+
+
+def test_an_output_that_cannot_fit_on_its_disk_is_refused_before_any_work(base_folder, tmp_path, monkeypatch):
+    # issue 25: a full disk failed with a raw traceback after loading and pruning
+    import shutil as shutil_module
+
+    from optimum_grape.checkpoint.destinations import check_free_space
+
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(CheckpointError, match=r"0.00 GB free on its disk, but the pruned checkpoint needs at least"):
+        check_free_space(tmp_path / "out", base_folder, 0.25)
+    check_free_space(tmp_path / "out", base_folder, None)  # a count budget: no bound known, nothing refused

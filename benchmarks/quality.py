@@ -55,13 +55,15 @@ def variant_label(variant: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(variant.items()))
 
 
-def runs(ratios, methods=None, variants=None):
-    """(method, allocation, ratio, variant) of every configuration compared."""
+def runs(ratios, methods=None, variants=None, only=None):
+    """(method, allocation, ratio, variant) of every configuration compared; `only`: these
+    (method, allocation) pairs."""
     for ratio in ratios:
         for name in sorted(methods or METHODS):
             for variant in (variants if variants is not None else VARIANTS) if name == "grape" else [{}]:
                 for allocation in METHODS[name].allocations:
-                    yield name, allocation, ratio, variant
+                    if only is None or (name, allocation) in only:
+                        yield name, allocation, ratio, variant
 
 
 def run_key(record: dict) -> tuple:
@@ -88,6 +90,9 @@ def parse_args():
     parser.add_argument("--variants", nargs="+", default=None, metavar="LABEL",
                         help="only these GRAPE rows: 'default' and/or labels such as 'merge=drop', 'layer_cap=None', "
                              "'preset=paper' (default: all)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="METHOD:ALLOCATION",
+                        type=lambda text: tuple(text.split(":", 1)),
+                        help="only these runs, e.g. grape:global reap:uniform (default: every allocation of each method)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(RANDOM_SEEDS), help="default: 0 1 2")
     parser.add_argument("--calibration-sets", nargs="+", default=list(CALIBRATION_SETS), choices=list(CALIBRATION_SETS),
                         help="default: both")
@@ -150,7 +155,7 @@ def main() -> None:
     first = (args.seeds[0], args.calibration_sets[0])
     for set_name in args.calibration_sets:
         for seed in args.seeds:
-            for name, allocation, ratio, variant in runs(args.ratios, args.methods, args.variants):
+            for name, allocation, ratio, variant in runs(args.ratios, args.methods, args.variants, args.only):
                 key = (name, allocation, ratio, variant_label(variant), seed, set_name)
                 if key in done:
                     records.append(done[key])

@@ -117,7 +117,8 @@ def accuracy_comparison(records: list[dict]) -> list[str]:
         best = max(uniform, key=lambda r: r["task_accuracy"])
         point, low, high = paired_difference(grape["task_correct"], best["task_correct"])
         verdict = "beats it" if low > 0 else "is behind it" if high < 0 else "is not separated from it"
-        lines.append(f"At {ratio:.0%}: GRAPE's default (global) minus the best uniform run ({label(best)}): "
+        which = "the best uniform run" if len(uniform) > 1 else "the one uniform run"
+        lines.append(f"At {ratio:.0%}: GRAPE's default (global) minus {which} ({label(best)}): "
                      f"{point:+.2f} points of mean accuracy (95% paired bootstrap interval {low:+.2f} to {high:+.2f}): "
                      f"GRAPE {verdict} at 95%; the paper reports {PAPER_GAIN:+.2f} points over the best local "
                      "baseline on average.")
@@ -225,9 +226,10 @@ def summary_table(testbeds: list[str]) -> str:
             lines += ["", f"Zero-shot accuracy on `{testbed}` ({', '.join(meta['tasks'])}, {meta['task_items']} "
                       "documents each):"] + [f"- {line}" for line in accuracy_comparison(records)]
     if earlier:
-        lines += ["", f"(earlier code): {', '.join(f'`{t}`' for t in earlier)} were run once per cell before GRAPE "
-                  "sampled calibration documents and chose merge and cap end to end; its figures are that run's, "
-                  "not rerun with the current code."]
+        lines += ["", f"(earlier code): {', '.join(f'`{t}`' for t in earlier)} {'was' if len(earlier) == 1 else 'were'} "
+                  "run once per cell before GRAPE "
+                  "sampled calibration documents and chose merge and cap end to end; the figures are from that "
+                  "run, not rerun with the current code."]
     return "\n".join(lines) + "\n"
 
 

@@ -93,6 +93,9 @@ def parse_args():
     parser.add_argument("--only", nargs="+", default=None, metavar="METHOD:ALLOCATION",
                         type=lambda text: tuple(text.split(":", 1)),
                         help="only these runs, e.g. grape:global reap:uniform (default: every allocation of each method)")
+    parser.add_argument("--extend", action="store_true",
+                        help="keep the runs of the results already written (same evaluation settings) and run only "
+                             "the missing ones")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(RANDOM_SEEDS), help="default: 0 1 2")
     parser.add_argument("--calibration-sets", nargs="+", default=list(CALIBRATION_SETS), choices=list(CALIBRATION_SETS),
                         help="default: both")
@@ -119,6 +122,23 @@ def parse_args():
     return args
 
 
+def finished_runs(args) -> dict | None:
+    """With --extend: the realism and runs of the results already written for this testbed, when they
+    were measured with the same evaluation settings (else None: everything is run again)."""
+    out = args.out
+    try:
+        records = json.loads((out / "quality.json").read_text())
+        meta = json.loads((out / "quality_meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = (meta.get("eval_tokens_per_domain"), meta.get("cloze_items_per_domain"), meta.get("task_items"),
+            meta.get("tasks")) == (args.eval_tokens, args.cloze_items, args.task_items, sorted(args.tasks or []))
+    if not same or "calibration_sets" not in meta:
+        print("--extend: the results on disk were measured with other settings; running everything", flush=True)
+        return None
+    return {"realism": meta["realism"], "done": {run_key(r): r for r in records}}
+
+
 def main() -> None:
     args = parse_args()
     transformers.utils.logging.disable_progress_bar()  # one line per run, not a bar per stage
@@ -131,14 +151,15 @@ def main() -> None:
     tasks = olmo_task_items(tok, per_task=args.task_items, only=args.tasks) if args.task_items > 0 else {}
     print(f"{args.testbed}: {sum(t.numel() for t in ids.values())} held-out tokens, cloze {args.cloze_items}/domain, "
           f"tasks {sorted(tasks) or 'none'} ({args.task_items} documents each)", flush=True)
-    real = realism(base, tok)
+    earlier = finished_runs(args) if args.extend else None
+    real = earlier["realism"] if earlier else realism(base, tok)
     print(f"routing on held-out text: smallest expert share {real['min_share']:.4f} (target >= "
           f"{real['target_min_share']:.4f}), smallest normalised entropy {real['min_normalised_entropy']:.4f}",
           flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "quality.partial.jsonl"
-    done = {}
+    done = dict(earlier["done"]) if earlier else {}
     if partial.exists():
         for line in partial.read_text().splitlines():
             record = json.loads(line)
@@ -194,7 +215,8 @@ def main() -> None:
             "task_runs": args.task_runs, "chance": chance_levels(tasks), "seeds": args.seeds,
             "calibration_sets": {s: CALIBRATION_SETS[s] and str(Path(CALIBRATION_SETS[s]).relative_to(BENCH.parent))
                                  for s in args.calibration_sets},
-            "wall_s": time.perf_counter() - started, "resumed_runs": resumed, "command": " ".join(["python", *sys.argv])}
+            "wall_s": time.perf_counter() - started, "resumed_runs": resumed,
+            "command": " ".join(["python", *(a for a in sys.argv if a != "--extend")])}
     (args.out / "quality.json").write_text(json.dumps(records, indent=1) + "\n")
     (args.out / "quality_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     partial.unlink()

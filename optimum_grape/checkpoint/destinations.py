@@ -73,12 +73,17 @@ def check_destination(out_dir, overwrite: bool, reads: Iterable = ()) -> None:
                                   "them. Move them out first or choose a new folder.")
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists: where a folder about to be made will live."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _check_writable_parent(out_dir: Path) -> None:
     """The checkpoint is staged beside `out_dir` and moved in: its nearest existing ancestor must be a
     writable folder (a read-only mount or a missing drive fails here, not after the pruning)."""
-    ancestor = out_dir.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = _nearest_existing(out_dir.absolute().parent)
     if not ancestor.is_dir():
         raise CheckpointError(f"Output {str(out_dir)!r}: {str(ancestor)!r} is a file, so no folder can be made there; "
                               "choose another path.")
@@ -124,10 +129,7 @@ def check_free_space(out_dir, base, ratio: float | None) -> None:
     if ratio is None or base is None or not Path(base).is_dir():
         return
     needed = (1.0 - ratio) * sum(p.stat().st_size for p in Path(base).glob("*.safetensors") if p.is_file())
-    ancestor = Path(out_dir).absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    free = shutil.disk_usage(ancestor).free
+    free = shutil.disk_usage(_nearest_existing(Path(out_dir).absolute().parent)).free
     if free < needed:
         raise CheckpointError(f"Output {str(out_dir)!r}: {free / 1e9:.2f} GB free on its disk, but the pruned checkpoint "
                               f"needs at least {needed / 1e9:.2f} GB ({1 - ratio:.0%} of the base's weight files). Free "

@@ -207,16 +207,6 @@ def document_ids(document, tokenizer, max_tokens: int | None = None) -> torch.Te
     return tensor.long().flatten()
 
 
-def token_stream(data: Any, tokenizer=None) -> torch.Tensor:
-    """All calibration tokens in document order as one 1-D LongTensor, documents of text joined by
-    the tokenizer's EOS."""
-    pieces = [document_ids(doc, tokenizer) for doc in documents_of(data)]
-    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-    if stream.numel() == 0:
-        raise CalibrationDataError("Calibration data is empty: give at least one non-empty text or token sequence.")
-    return stream
-
-
 @dataclass
 class CalibrationSample:
     """What calibration records (`windows`) and what scores candidate plans (`held_aside`)."""

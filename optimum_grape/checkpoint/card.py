@@ -29,18 +29,21 @@ MAX_TEXT = 200
 _MARKDOWN_SPECIALS = "\\`[]|#"  # links, code, table cells, headings (emphasis is harmless)
 
 
+def _one_line(value) -> str:
+    """`value` as one line of at most MAX_TEXT characters (cut with '...')."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 3] + "..."
+
+
 def plain(value) -> str:
     """`value` as inert Markdown text: one line, at most MAX_TEXT characters, HTML and Markdown escaped."""
-    text = " ".join(str(value).split())
-    text = text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 3] + "..."
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _one_line(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return "".join("\\" + ch if ch in _MARKDOWN_SPECIALS else ch for ch in text)
 
 
 def code(value) -> str:
     """`value` for inside a `code span`: one line, no backtick to close the span early."""
-    text = " ".join(str(value).split()).replace("`", "'")
-    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 3] + "..."
+    return _one_line(str(value).replace("`", "'"))
 
 
 def python_string(value) -> str:

@@ -16,6 +16,7 @@ import torch
 from transformers.utils.logging import tqdm  # honours disable_progress_bar() and HF_HUB_DISABLE_PROGRESS_BARS
 
 from .adapters import find_moe_layers
+from .adapters.alignment import reused_alignments
 from .algorithms.budget import check_budget
 from .calibration import (check_token_ids, distributed, load_calibration_data, recording, sample_windows,
                           warn_if_degenerate, warn_if_little_data)
@@ -60,6 +61,9 @@ class GrapePruner:
         self.sampling: dict = {}  # how the calibration windows were drawn (recorded in the statistics)
         # The calibration batches themselves, for merging with data (merging/with_data.py; set by `calibrate`).
         self.calibration_batches: list[torch.Tensor] = []
+        # Neuron matches computed by the sensitivity probe, reused by candidate scoring and the final
+        # apply: one Hungarian assignment per cluster member (adapters/alignment.py).
+        self._alignments: dict = {}
 
     # -- checks -----------------------------------------------------------------------------------
     def check(self, model) -> dict[int, int]:
@@ -150,7 +154,9 @@ class GrapePruner:
         if not hasattr(model, "record"):
             layer_stats = {layer.index: finalize(recorders[layer.index], layer) for layer in layers}
         stats = ExpertStats(layers=layer_stats, metadata={"similarity": self.config.similarity})
-        self.planner.measure_sensitivity(model, stats, self.selection_batches)
+        self._alignments = {}  # new statistics: matches of earlier weights never count (they are checked anyway)
+        with reused_alignments(self._alignments):
+            self.planner.measure_sensitivity(model, stats, self.selection_batches)
         num_tokens = sum(b.numel() for b in batches)
         self.timings["calibration_s"] = time.perf_counter() - start
         metadata = {"model_type": module.config.model_type, "architecture": type(module).__name__,
@@ -181,20 +187,23 @@ class GrapePruner:
         windows `calibrate` held aside and the closest to the unpruned model is kept; the model is
         left unchanged. Without `model`, the method's fallback candidate (uniform for GRAPE) is used."""
         start = time.perf_counter()
-        plan = self.planner.plan(stats, model, self.selection_batches, self.selection_overlaps)
+        with reused_alignments(self._alignments):
+            plan = self.planner.plan(stats, model, self.selection_batches, self.selection_overlaps)
         self.timings["plan_s"] = time.perf_counter() - start
         self.last_plan = plan
         return plan
 
     # -- 3. change --------------------------------------------------------------------------------
     def apply(self, model, plan: PruningPlan, check_model: bool = True) -> None:
-        """Apply `plan` in place, all or nothing. A plan computed for another model (its fingerprint:
+        """Apply `plan` in place, one MoE layer at a time, each layer's old tensors freed once it is merged
+        (a plan that does not fit is refused before any layer changes; merging/apply.py). A plan computed for another model (its fingerprint:
         architecture and router weights) is refused unless `check_model=False`. After `calibrate` (or
         with `calibration_batches` set), merges run layer by layer on calibration data when the config
         asks for it (activation-aware alignment, refit, sequential re-planning: merging/with_data.py); the plan is
         updated to what was applied."""
         merger = self._data_merger(model, plan)
-        apply_plan(model, plan, self._resolved_config(plan), check_model=check_model, merger=merger)
+        with reused_alignments(self._alignments):
+            apply_plan(model, plan, self._resolved_config(plan), check_model=check_model, merger=merger)
         self._record_merge(plan, merger)
 
     def _data_merger(self, model, plan: PruningPlan, inputs_of=None):
@@ -260,7 +269,8 @@ class GrapePruner:
         """Apply `plan` to a LayerwiseModel as its layers stream from disk, writing the checkpoint."""
         def write(folder):
             merger = self._data_merger(None, plan)  # its inputs are set by the streamed pass
-            model.write_pruned(folder, plan, self._resolved_config(plan), merger, self.calibration_batches)
+            with reused_alignments(self._alignments):
+                model.write_pruned(folder, plan, self._resolved_config(plan), merger, self.calibration_batches)
             self._record_merge(plan, merger)
 
         return save_pruned(model.module, output, tokenizer=tokenizer, plan=plan, overwrite=overwrite,

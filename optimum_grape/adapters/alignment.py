@@ -4,9 +4,20 @@ a merged member's neurons to match its cluster's representative before averaging
 A fused experts module declares its layout in flags: `is_transposed` ([E, H, 2I] instead of
 [E, 2I, H]), `has_gate` (gate and up halves in one tensor), `is_concatenated` (halves back to back,
 or interleaved as in gpt-oss), `has_bias`.
+
+Matching a member's neurons to its representative's (a Hungarian assignment over [I, I] cosines) is
+the costly step of merging. Planning applies many candidate plans that share most clusters, so
+inside `reused_alignments()` a weight-only match is computed once per (experts tensors,
+representative, member) and reused: the same tensors give the same permutation. A tensor is the
+same while it is the same object, or when it was read from the same place of a checkpoint
+(`SOURCE_ATTRIBUTE`, set by layer-by-layer mode, which reads each layer once per pass).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import weakref
 
 import torch
 from torch import nn
@@ -39,6 +50,43 @@ def neuron_features(experts: nn.Module, e: int, axes) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+_REUSED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("grape_reused_alignments", default=None)
+
+
+@contextlib.contextmanager
+def reused_alignments(store: dict | None = None):
+    """Within the block, weight-only neuron matches are computed once and reused (see the module
+    docstring); `store` keeps them across blocks (the pruner's, from the sensitivity probe to the final
+    apply). Entries hold weak references to the tensors they were computed from and count only while
+    those very tensors are alive, so a tensor replaced by merging never matches a stale entry."""
+    token = _REUSED.set(store if store is not None else (_REUSED.get() if _REUSED.get() is not None else {}))
+    try:
+        yield
+    finally:
+        _REUSED.reset(token)
+
+
+# Set on a parameter read from a checkpoint file (layer-by-layer mode reads a layer again for every
+# pass): the same source gives the same tensor, so its matches are reused across passes too.
+SOURCE_ATTRIBUTE = "_grape_source"
+
+
+def _weight_match(experts: nn.Module, axes, rep: int, member: int, ref) -> torch.Tensor:
+    """`match_neurons` on weights only, through the `reused_alignments` cache when one is open;
+    `ref()` gives the representative's features (built only on a miss)."""
+    cache = _REUSED.get()
+    tensors = [getattr(experts, name) for name in axes]
+    sources = [getattr(t, SOURCE_ATTRIBUTE, None) for t in tensors]
+    key = (tuple(s if s is not None else id(t) for s, t in zip(sources, tensors)), rep, member)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None and (all(s is not None for s in sources) or all(r() is t for r, t in zip(hit[0], tensors))):
+        return hit[1]
+    perm = match_neurons(ref(), neuron_features(experts, member, axes))
+    if cache is not None:
+        cache[key] = ([weakref.ref(t) for t in tensors], perm)
+    return perm
+
+
 def aligned_expert_tensors(experts: nn.Module, clusters, weights, activations=None
                            ) -> dict[str, dict[int, torch.Tensor]]:
     """Per expert tensor name, {member: its row with neurons permuted to match the cluster's
@@ -50,13 +98,22 @@ def aligned_expert_tensors(experts: nn.Module, clusters, weights, activations=No
     interleaved = not getattr(experts, "is_concatenated", True)
     out: dict[str, dict[int, torch.Tensor]] = {name: {} for name in axes}
     for members, w in zip(clusters, weights):
-        ref = neuron_features(experts, members[0], axes)
+        averaged = [m for m, wm in zip(members[1:], w[1:]) if wm != 0.0]
+        if not averaged:
+            continue
+        built = {}
+
+        def ref(rep=members[0]) -> torch.Tensor:  # the representative's features, built once, only when needed
+            if "features" not in built:
+                built["features"] = neuron_features(experts, rep, axes)
+            return built["features"]
+
         ref_acts = activations(members[0]) if activations is not None else None
-        for m, wm in zip(members[1:], w[1:]):
-            if wm == 0.0:
-                continue
-            perm = match_neurons(ref, neuron_features(experts, m, axes), ref_acts,
-                                 activations(m) if activations is not None else None)
+        for m in averaged:
+            if activations is None:
+                perm = _weight_match(experts, axes, members[0], m, ref)
+            else:
+                perm = match_neurons(ref(), neuron_features(experts, m, axes), ref_acts, activations(m))
             for name, (axis, paired) in axes.items():
                 index = paired_index(perm, interleaved) if paired else perm
                 tensor = getattr(experts, name).detach()

@@ -227,13 +227,20 @@ def check_finite(model) -> None:
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if type(tensor.data) is not torch.Tensor:  # a quantized tensor subclass (torchao, bnb): ops are limited
             continue
-        if tensor.is_meta or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        if tensor.is_meta or not tensor.is_floating_point() or _all_finite(tensor):
             continue
         bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
         where = f" (expert {bad[0]})" if tensor.dim() == 3 else ""
         raise UnsupportedModelError(
             f"{name}{where} holds NaN or Inf at index {bad}: the weights are damaged (or a training run diverged). "
             "Load an intact copy of the model; pruning cannot repair it.")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite. A NaN or Inf anywhere makes the sum non-finite, so a finite sum
+    settles it in one read of the tensor (isfinite would also write a mask as large as it); only a sum
+    that overflowed, or a damaged tensor, takes the exact element-wise check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ up row and down column together), with the Hungarian algorithm.
 from __future__ import annotations
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 
 def match_neurons(reference: torch.Tensor, member: torch.Tensor, reference_acts: torch.Tensor | None = None,
@@ -27,6 +26,8 @@ def match_neurons(reference: torch.Tensor, member: torch.Tensor, reference_acts:
         a = torch.nn.functional.normalize(a.double(), dim=-1)
         b = torch.nn.functional.normalize(b.double(), dim=-1)
         return a @ b.T
+
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize costs 0.25 s to import
 
     score = cosines(reference, member)
     if reference_acts is not None and member_acts is not None:

@@ -5,11 +5,13 @@ never looked up on the Hub, and with HF_HUB_OFFLINE set only the local cache is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from importlib import resources
 from pathlib import Path
 
 from ..errors import GrapeError, remote_code_hint
+from ..merging.memory import return_free_memory
 
 DEFAULT_MODEL = "default"
 
@@ -67,8 +69,10 @@ def load_base(base: str, trust_remote_code: bool, device_map=None):
     kwargs = {"trust_remote_code": trust_remote_code, **({"local_files_only": True} if offline() else {})}
     placement = {"device_map": device_map} if device_map is not None else {}
     try:
-        return (AutoModelForCausalLM.from_pretrained(base, **kwargs, **placement),
-                AutoTokenizer.from_pretrained(base, **kwargs))
+        with reading_without_a_map() if device_map is None else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(base, **kwargs, **placement)
+        return_free_memory()
+        return model, AutoTokenizer.from_pretrained(base, **kwargs)
     except SafetensorError as err:
         raise GrapeError(f"A weight file of {base!r} is damaged or truncated ({str(err).splitlines()[0]}); copy or "
                          "download it again (`optimum-grape inspect --verify` checks a pruned checkpoint's files "
@@ -92,6 +96,40 @@ def load_base(base: str, trust_remote_code: bool, device_map=None):
                          f"{str(err).splitlines()[0] if str(err) else 'no message'}); its config.json or weights are "
                          "malformed or edited: restore them from the model's source.") from None
 
+
+
+@contextlib.contextmanager
+def reading_without_a_map():
+    """During the block, transformers reads safetensors on the CPU tensor by tensor with pread, one
+    conversion at a time, instead of memory-mapping the shards and reading them on 4 threads.
+
+    Why: a mapped checkpoint stays mapped while any weight is a view into it, and every page read
+    while fusing experts stays resident, so a loaded model held ~2x its size (1.0x fused experts +
+    0.97x file pages on the 1.5 GB benchmark model); the threads read every tensor before fusing
+    consumes it, another copy at the peak. With pread and one conversion at a time, the peak is the
+    model plus one layer's experts (benchmarks/scale.py). transformers picks the backend itself
+    (pread only for MPS and Windows) and reads HF_DEACTIVATE_ASYNC_LOAD at load time, so both are set
+    here for the block: `safe_open` in transformers.modeling_utils is wrapped (tests/checkpoint/
+    test_load.py fails if transformers stops opening shards through it) and the variable restored."""
+    import transformers.modeling_utils as loading
+
+    original = loading.safe_open
+
+    def open_with_pread(*args, **kwargs):
+        if kwargs.get("backend", "mmap") == "mmap" and str(kwargs.get("device", "cpu")) == "cpu":
+            kwargs["backend"] = "pread"
+        return original(*args, **kwargs)
+
+    previous = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    loading.safe_open, os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = open_with_pread, "1"
+    try:
+        yield
+    finally:
+        loading.safe_open = original
+        if previous is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = previous
 
 
 def load_model_and_tokenizer(name_or_path: str, tokenizer=None, trust_remote_code: bool = False,

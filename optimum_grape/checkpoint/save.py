@@ -18,6 +18,11 @@ from .remote_code import write_remote_code
 from ..plan import PruningPlan
 
 PLAN_FILE = "grape_plan.json"
+# Above this many bytes of weights, a model in memory is written one decoder layer per shard
+# (`write_weights_streamed`): transformers' save_pretrained reverts the key conversions of the whole
+# state dict at once (un-fusing every expert tensor into per-expert copies: half the model again for
+# an MoE). Below it, one file as save_pretrained writes it, the extra copy being small.
+STREAM_WEIGHTS_ABOVE = 1 << 30
 
 
 def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None = None, evaluation=None,
@@ -30,7 +35,10 @@ def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None =
         write_model(folder)
     else:
         original = getattr(get_adapter(model), "save_original_format", True)
-        model.save_pretrained(folder, safe_serialization=True, save_original_format=original)
+        if _weight_bytes(model) > STREAM_WEIGHTS_ABOVE and streamable(model):
+            write_weights_streamed(model, folder, original)
+        else:
+            model.save_pretrained(folder, safe_serialization=True, save_original_format=original)
     write_remote_code(folder, model)  # a non-uniform layout loads without optimum-grape too
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -40,6 +48,49 @@ def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None =
     write_inputs(folder, {"base_model": base_model, "license": base_license(source or None),
                           "evaluation": evaluation or {}})
     write_model_card(folder)
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def streamable(model) -> bool:
+    """Whether `write_weights_streamed` writes what save_pretrained would: a plain model whose weights
+    are all in memory (no quantizer, offloading, adapters or remote code that save_pretrained handles)."""
+    import torch
+
+    from ..calibration.stream import decoder_layers
+    from ..errors import UnsupportedModelError
+
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "_hf_peft_config_loaded", False):
+        return False
+    if model.is_remote_code() or "disk" in (getattr(model, "hf_device_map", None) or {}).values():
+        return False
+    if any(p.is_meta or type(p.data) is not torch.Tensor for p in model.parameters()):
+        return False
+    try:
+        decoder_layers(model)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def write_weights_streamed(model, folder: Path, save_original_format: bool = True) -> None:
+    """Weights and config of a model in memory, one shard per decoder layer and one for the rest
+    (`layerwise.writer.ShardWriter`, as layer-by-layer mode writes them): only one layer's tensors are
+    converted back to the checkpoint's layout at a time."""
+    from ..calibration.stream import decoder_layers
+    from ..layerwise.writer import ShardWriter, write_config
+
+    path, layers = decoder_layers(model)
+    writer = ShardWriter(folder, model, getattr(model, "_weight_conversions", None), save_original_format)
+    inside = set()
+    for i, layer in enumerate(layers):
+        writer.write_part(layer.state_dict(prefix=f"{path}.{i}."))
+        inside |= {id(t) for t in [*layer.parameters(), *layer.buffers()]}
+    writer.write_part({k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in inside})
+    writer.finish()
+    write_config(model, folder, model.dtype)
 
 
 def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None, overwrite: bool = False,

@@ -28,11 +28,11 @@ from ..adapters import find_moe_layers
 from ..adapters.routing import learnt, observe, sample_ids, verify_layer
 from ..merging.apply import Snapshot, apply_clusters, record_layout
 from ..calibration.recorder import set_batch
-from ..planning.scoring import kl_terms, reference_of
+from ..planning.scoring import stream_scores
 from ..adapters.fingerprint import router_sha256
 from ..merging.with_data import assemble_inputs
 from .skeleton import REST, Skeleton
-from .stream import capture, experts_inputs, head_logits, run_layer
+from ..calibration.stream import capture, experts_inputs, head_logits, run_layer
 from .writer import ShardWriter, write_config
 
 logger = logging.getLogger("optimum_grape")
@@ -106,32 +106,9 @@ class LayerwiseModel:
     @torch.no_grad()
     def score_plans(self, plans, batches) -> list[list[tuple[float, int]]]:
         adapter, moe = self._moe()
-        found = (adapter, list(moe.values()))
-        captured = capture(self.module, self.layers, batches)
-        reference, variants = captured.inputs, [None] * len(plans)  # None: not changed by its plan yet
-        for i in self._layer_loop(captured.order, self._verifier(adapter, moe)):
-            if i not in captured.order:
-                continue
-            before = reference
-            reference = run_layer(self.layers, i, captured, before)
-            for v, plan in enumerate(plans):
-                if i in plan.clusters:
-                    snapshot = Snapshot(list(moe[i].block.modules()))
-                    try:
-                        apply_clusters(self.module, plan.restricted_to([i]), found=found)
-                        variants[v] = run_layer(self.layers, i, captured, variants[v] or before)
-                    finally:
-                        snapshot.restore()
-                        del snapshot  # it holds the layer's tensors: freeing the layer must free them
-                elif variants[v] is not None:
-                    variants[v] = run_layer(self.layers, i, captured, variants[v])
-        totals = [[] for _ in plans]
-        for b in range(len(batches)):
-            ref = reference_of(head_logits(self.module, self.layers, captured, b, reference[b]))
-            for v, states in enumerate(variants):
-                logits = head_logits(self.module, self.layers, captured, b, (states or reference)[b])
-                totals[v].append(kl_terms(logits, ref))
-        return totals
+        verifier = self._verifier(adapter, moe)
+        return stream_scores(self.module, self.layers, (adapter, list(moe.values())), plans, batches,
+                             lambda order: self._layer_loop(order, verifier))
 
     # -- applying the plan and writing the checkpoint -------------------------------------------
     @torch.no_grad()

@@ -10,15 +10,15 @@ frequencies computed for real), and loaded through transformers' own key convers
 from __future__ import annotations
 
 import copy
-import ctypes
 import logging
-import sys
 
 import torch
 from torch import nn
 
-from ..adapters.fused import decoder_of
 from ..errors import UnsupportedModelError, remote_code_hint
+from ..adapters.alignment import SOURCE_ATTRIBUTE
+from ..calibration.stream import decoder_layers
+from ..merging.memory import return_free_memory
 from .checkpoint_index import CheckpointIndex
 
 logger = logging.getLogger("optimum_grape")
@@ -30,21 +30,6 @@ def _quiet_loading():
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-
-
-def _return_freed_tensors_to_the_os():
-    """glibc raises its mmap threshold after a large block is freed, so later layer-sized tensors come
-    from the heap and stay resident after `release`: a layer-by-layer pass would creep up to several
-    layers' worth. A fixed 1 MiB threshold (what MALLOC_MMAP_THRESHOLD_ sets) gives each such tensor
-    its own mapping, returned to the OS when freed. Process-wide, Linux/glibc only, harmless elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl): nothing to adjust
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _apply_pruned_layout(model, config) -> None:
@@ -67,7 +52,6 @@ class Skeleton:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-        _return_freed_tensors_to_the_os()
         self.folder = folder
         self.index = CheckpointIndex(folder)
         try:
@@ -142,6 +126,8 @@ class Skeleton:
         if group is REST:
             self.model.tie_weights()
         module = self.part(group)
+        for name, param in self._own_parameters(module, group):  # lets planning reuse neuron matches
+            setattr(param, SOURCE_ATTRIBUTE, (str(self.folder), group, name))
         still = [n for n, p in self._own_parameters(module, group) if p.is_meta]
         if still and mismatched:
             raise UnsupportedModelError(
@@ -163,6 +149,7 @@ class Skeleton:
                 if param is not None and id(param) in own and not param.is_meta:
                     owner._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
                                                            requires_grad=param.requires_grad)
+        return_free_memory()
 
     def part(self, group: int | None) -> nn.Module:
         return self.model if group is REST else self.layers[group]
@@ -189,14 +176,3 @@ def _architecture_class(config):
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
     return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(module path, list) of the text decoder's layers: what layer-by-layer mode loads one at a time."""
-    path, decoder = decoder_of(model)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: layer-by-layer mode runs the decoder's `layers` one at a time, and "
-            f"{type(decoder).__name__} has no `layers` list. Prune it in memory (without --layer-by-layer).")
-    return (f"{path}.layers" if path else "layers"), layers

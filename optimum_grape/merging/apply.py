@@ -1,8 +1,13 @@
 """Applying a `PruningPlan` to a model in place, and recording the new layout in its config.
 
 The only module that changes a model: tensors through the family adapter, counts in the config
-(docs/design.md, "Per-layer counts in config.json") so that `save_pretrained` writes a checkpoint that loads back. A plan is
-applied whole or not at all.
+(docs/design.md, "Per-layer counts in config.json") so that `save_pretrained` writes a checkpoint that loads back.
+
+A plan is checked against every layer before any layer changes, so a plan that does not fit changes
+nothing. Layers are then merged one at a time and each layer's old tensors are freed as soon as it
+is done: holding them until the last layer would cost a second copy of most experts, which is what
+a user pruning a 60 GB model cannot spare. A layer that fails while changing is put back as it was;
+the layers before it stay merged, and the error says which (reload the model).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from ..adapters import MoEAdapter, find_moe_layers
 from ..adapters.fused import is_fused_experts, text_config
 from ..algorithms.merging import router_weights
 from ..plan import PruningPlan
+from .memory import return_free_memory
 from ..validation import check_plan_fits
 
 logger = logging.getLogger("optimum_grape")
@@ -35,8 +41,8 @@ def layout_from_plan(plan: PruningPlan) -> dict:
 
 @torch.no_grad()
 def apply_plan(model, plan: PruningPlan, pruning_config=None, check_model: bool = True, merger=None) -> None:
-    """Apply `plan` to `model` in place, all or nothing (see `apply_clusters`), then record the new
-    layout in `model.config`. `check_model=False` skips the check that the plan was computed for
+    """Apply `plan` to `model` in place, one layer at a time (see the module docstring), then record
+    the new layout in `model.config`. `check_model=False` skips the check that the plan was computed for
     this model (its fingerprint); the layers, counts and top-k floors are always checked. `merger`
     (refine.DataMerger) merges each layer with calibration data and may re-plan its clusters (same
     counts); the plan is updated to what was applied."""
@@ -55,40 +61,46 @@ def apply_plan(model, plan: PruningPlan, pruning_config=None, check_model: bool 
 def apply_clusters(model, plan: PruningPlan, check_model: bool = False, merger=None, found=None,
                    progress: bool = False) -> MoEAdapter:
     """Rewrite every MoE layer the plan covers (tensors and routing), leaving `model.config` alone:
-    what candidate scoring needs, and the first half of `apply_plan`.
-
-    All or nothing: the plan is checked against every layer before any layer changes
-    (`validation.check_plan_fits`), and if changing a layer fails, the layers already changed are
-    put back as they were."""
+    what candidate scoring needs, and the first half of `apply_plan`. The plan is checked against every
+    layer first (`validation.check_plan_fits`); see the module docstring for a failure midway."""
     plan.validate()
     # `found`: (adapter, layers) already located (layer-by-layer mode: most layers are on the meta device)
     adapter, layers = found or find_moe_layers(model)
     targets = check_plan_fits(plan, adapter, layers, model if check_model else None)
     # Asked before any layer changes: the answer depends on the layer's current routing.
     overrides = {index: adapter.routing_overrides(layer, len(plan.clusters[index])) for index, layer in targets.items()}
-    snapshot = Snapshot([module for layer in targets.values() for module in layer.block.modules()])
-    done = False
-    try:
-        for index, layer in tqdm(sorted(targets.items()), desc="GRAPE merging", unit="layer", leave=False,
-                                 disable=not progress):
-            clusters = plan.clusters[index]
-            weights, routers = plan.merge_weights_of(index), plan.router_weights_of(index)
-            if merger is not None and adapter.merges_with_data(layer):
-                plan.clusters[index], plan.merge_weights[index] = merger(adapter, layer, clusters, weights, routers,
-                                                                         plan.align_neurons)
-                plan.router_weights[index] = router_weights(plan.clusters[index], plan.router)
-            else:
-                adapter.apply_clusters(layer, clusters, weights, routers, plan.align_neurons)
-            if overrides[index]:
-                adapter.apply_routing_overrides(layer, overrides[index])
-        done = True
-    finally:
-        if not done:
+    merged: list[int] = []
+    for index, layer in tqdm(sorted(targets.items()), desc="GRAPE merging", unit="layer", leave=False,
+                             disable=not progress):
+        snapshot = Snapshot(list(layer.block.modules()))
+        try:
+            _apply_layer(adapter, layer, plan, index, merger, overrides[index])
+        except BaseException as err:
             snapshot.restore()
+            if merged:
+                err.add_note(f"optimum-grape: MoE layer {index} was put back as it was, but layers {merged} were "
+                             "already merged: the model is partially pruned. Reload it before using it.")
+            raise
+        del snapshot  # the layer's old tensors: freed now, not after the last layer
+        return_free_memory()
+        merged.append(index)
     # Recomputed from the model, never taken from the plan: a stale or edited value would reach the
     # checkpoint's config and break loading.
     plan.metadata["routing_overrides"] = {str(index): changed for index, changed in sorted(overrides.items()) if changed}
     return adapter
+
+
+def _apply_layer(adapter: MoEAdapter, layer, plan: PruningPlan, index: int, merger, overrides) -> None:
+    clusters = plan.clusters[index]
+    weights, routers = plan.merge_weights_of(index), plan.router_weights_of(index)
+    if merger is not None and adapter.merges_with_data(layer):
+        plan.clusters[index], plan.merge_weights[index] = merger(adapter, layer, clusters, weights, routers,
+                                                                 plan.align_neurons)
+        plan.router_weights[index] = router_weights(plan.clusters[index], plan.router)
+    else:
+        adapter.apply_clusters(layer, clusters, weights, routers, plan.align_neurons)
+    if overrides:
+        adapter.apply_routing_overrides(layer, overrides)
 
 
 class Snapshot:

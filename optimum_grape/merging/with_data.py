@@ -1,7 +1,9 @@
 """Merging with calibration data, one MoE layer at a time, in model order (REAM, arXiv 2604.04356):
 
 - the layer's inputs are collected from the model AS IT IS NOW, so a layer is merged on the hidden
-  states its already-merged predecessors produce (sequential recalibration);
+  states its already-merged predecessors produce (sequential recalibration); they are carried
+  forward one decoder layer at a time (`StreamedInputs`), so merging a model of L layers runs L
+  layer passes, not the L(L+1)/2 of a forward up to each layer;
 - with `sequential`, the layer's clusters are planned again on those inputs (same expert count,
   the method's own per-layer rule: `PruningMethod.replan_layer`);
 - members are aligned to their representative on their activations as well as their weights;
@@ -20,6 +22,8 @@ import torch
 
 from ..adapters import MoEAdapter, MoELayer
 from ..algorithms.merging import cluster_weights
+from ..calibration.stream import capture, check_streams_like_forward, decoder_layers, experts_inputs, run_layer
+from ..errors import UnsupportedModelError
 
 logger = logging.getLogger("optimum_grape")
 
@@ -61,6 +65,31 @@ def layer_inputs(model, layer: MoELayer, batches: list[torch.Tensor], max_tokens
     return assemble_inputs(layer, calls, max_tokens, seed)
 
 
+class StreamedInputs:
+    """`layer_inputs` for MoE layers asked in model order, carried forward: the calibration states
+    wait at the input of the last layer asked for, and reaching a later layer runs only the decoder
+    layers in between, as they are now (merged). Asking again for the same layer (after merging it, to
+    refit) re-runs only that layer's block up to its experts."""
+
+    def __init__(self, model, batches: list[torch.Tensor], max_tokens: int, seed: int) -> None:
+        _, self.layers = decoder_layers(model)
+        check_streams_like_forward(model, self.layers, batches[0][:1])
+        self.captured = capture(model, self.layers, batches)
+        self.max_tokens, self.seed = max_tokens, seed
+        self.position, self.states = 0, self.captured.inputs  # states entering captured.order[position]
+
+    def __call__(self, layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
+        order = self.captured.order
+        if layer.index not in order[self.position:]:
+            raise UnsupportedModelError(f"MoE layer {layer.index} was asked for after the layers that follow it "
+                                        "in the model's forward")
+        while order[self.position] != layer.index:
+            self.states = run_layer(self.layers, order[self.position], self.captured, self.states)
+            self.position += 1
+        calls = experts_inputs(self.layers, layer.index, layer.experts, self.captured, self.states)
+        return assemble_inputs(layer, calls, self.max_tokens, self.seed)
+
+
 def assemble_inputs(layer: MoELayer, calls: list[tuple], max_tokens: int, seed: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs [N, H], gates [N, E]) from the (args, kwargs) of calls into the layer's experts, at most
@@ -94,9 +123,32 @@ class DataMerger:
         self.refit, self.replan = refit, replan
         self.max_tokens, self.seed, self.ridge = max_tokens, seed, ridge
         # layer -> (inputs, gates) on the calibration batches through the model as it is now; layer-by-
-        # layer mode passes its own (the streamed states), the default runs the model's forward.
-        self.inputs_of = inputs_of or (lambda layer: layer_inputs(model, layer, batches, max_tokens, seed))
+        # layer mode passes its own (the streamed states of its pass).
+        self.inputs_of = inputs_of or self._default_inputs(model, batches, max_tokens, seed)
         self.report: dict[str, dict] = {}
+
+    @staticmethod
+    def _default_inputs(model, batches, max_tokens, seed):
+        """Carried forward layer by layer (`StreamedInputs`); a model whose decoder cannot be run one
+        layer at a time gets a forward up to each layer (`layer_inputs`)."""
+        full = lambda layer: layer_inputs(model, layer, batches, max_tokens, seed)  # noqa: E731
+        if model is None:
+            return full
+        state = {}
+
+        def inputs_of(layer):
+            if state.get("fallback"):
+                return full(layer)
+            try:
+                if "streamed" not in state:
+                    state["streamed"] = StreamedInputs(model, batches, max_tokens, seed)
+                return state["streamed"](layer)
+            except UnsupportedModelError as err:
+                logger.info("GRAPE: merging inputs from a forward per layer (%s)", str(err).split(";")[0])
+                state["fallback"] = True
+                return full(layer)
+
+        return inputs_of
 
     def __call__(self, adapter: MoEAdapter, layer: MoELayer, clusters, weights, routers, align: bool):
         """Merge `layer`; returns the clusters and merge weights actually used (re-planned or not)."""

@@ -7,6 +7,16 @@ uniform on these tokens.
 Score: KL(unpruned || pruned) per token, over the unpruned model's top-`TOP` tokens plus one bucket
 for the rest of the vocabulary. That is the exact KL of the two distributions coarsened to TOP + 1
 outcomes (a lower bound of the full KL), and keeps the reference small for any vocabulary.
+
+Scoring streams the decoder one layer at a time (`calibration/stream.py`): the unpruned states and
+one set of states per plan move through the layers together, and a plan's clusters are applied to
+a layer only while that layer runs, then undone. Only one layer's merged experts exist at a time
+(applying a plan to the whole model would hold a second copy of most experts), and a plan that
+changes only late layers shares the unpruned states up to there (the per-layer sensitivity probe
+costs half the layer passes of one forward per plan). Each layer runs the operations of the full
+forward on the same inputs, so the scores are those of full forwards; a model that cannot be run
+layer by layer (a decoder layer called twice, no `layers` list, layers passing more than their
+states: `check_streams_like_forward`) is scored with full forwards.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ from transformers.utils.logging import tqdm  # honours disable_progress_bar() an
 
 from ..adapters import find_moe_layers
 from ..calibration import distributed
+from ..calibration.stream import capture, check_streams_like_forward, decoder_layers, head_logits, run_layer
+from ..errors import UnsupportedModelError
 from ..merging.apply import Snapshot, apply_clusters
 from ..plan import PruningPlan
 
@@ -82,20 +94,68 @@ def score_plans(model, plans: list[PruningPlan], batches: list[torch.Tensor]) ->
 
 
 @torch.no_grad()
+def stream_scores(module, layers, found, plans: list[PruningPlan], batches: list[torch.Tensor], visit=None
+                  ) -> list[list[tuple[float, int]]]:
+    """Per plan, the KL terms of each batch, in one streamed pass over the decoder `layers` of `module`
+    (see the module docstring). `found`: the (adapter, MoE layers) of `module`; `visit(order)` yields
+    the layer indices in `order` with each layer ready to run (layer-by-layer mode loads it there)."""
+    adapter, moe = found[0], {layer.index: layer for layer in found[1]}
+    captured = capture(module, layers, batches)
+    reference, variants = captured.inputs, [None] * len(plans)  # None: not changed by its plan yet
+    for i in (visit or iter)(captured.order):
+        if i not in captured.order:
+            continue
+        before = reference
+        reference = run_layer(layers, i, captured, before)
+        for v, plan in enumerate(plans):
+            if i in plan.clusters:
+                snapshot = Snapshot(list(moe[i].block.modules()))
+                try:
+                    apply_clusters(module, plan.restricted_to([i]), found=found)
+                    variants[v] = run_layer(layers, i, captured, variants[v] or before)
+                finally:
+                    snapshot.restore()
+                    del snapshot  # it holds the layer's tensors: freeing the layer must free them
+            elif variants[v] is not None:
+                variants[v] = run_layer(layers, i, captured, variants[v])
+    totals = [[] for _ in plans]
+    for b in range(len(batches)):
+        ref = reference_of(head_logits(module, layers, captured, b, reference[b]))
+        for v, states in enumerate(variants):
+            logits = head_logits(module, layers, captured, b, (states or reference)[b])
+            totals[v].append(kl_terms(logits, ref))
+    return totals
+
+
+@torch.no_grad()
 def _score_in_memory(model, plans: list[PruningPlan], batches: list[torch.Tensor]) -> list[list[tuple[float, int]]]:
-    _, layers = find_moe_layers(model)
-    modules = [m for layer in layers for m in layer.block.modules()]
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        refs = [reference_of(model(input_ids=b.to(device), use_cache=False).logits) for b in batches]
-        totals = []
-        for plan in tqdm(plans, desc="GRAPE scoring plans", unit="plan", leave=False):
-            with restored(modules):
-                apply_clusters(model, plan)
-                totals.append([kl_terms(model(input_ids=b.to(device), use_cache=False).logits, ref)
-                               for b, ref in zip(batches, refs)])
+        try:
+            _, layers = decoder_layers(model)
+            if batches:
+                check_streams_like_forward(model, layers, batches[0])
+            return stream_scores(model, layers, find_moe_layers(model), plans, batches,
+                                 lambda order: tqdm(order, desc="GRAPE scoring plans", unit="layer", leave=False))
+        except UnsupportedModelError as err:
+            logger.info("GRAPE: scoring plans with full forwards (%s)", str(err).split(";")[0])
+            return _score_with_full_forwards(model, plans, batches)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def _score_with_full_forwards(model, plans: list[PruningPlan], batches: list[torch.Tensor]
+                              ) -> list[list[tuple[float, int]]]:
+    _, layers = find_moe_layers(model)
+    modules = [m for layer in layers for m in layer.block.modules()]
+    device = next(model.parameters()).device
+    refs = [reference_of(model(input_ids=b.to(device), use_cache=False).logits) for b in batches]
+    totals = []
+    for plan in tqdm(plans, desc="GRAPE scoring plans", unit="plan", leave=False):
+        with restored(modules):
+            apply_clusters(model, plan)
+            totals.append([kl_terms(model(input_ids=b.to(device), use_cache=False).logits, ref)
+                           for b, ref in zip(batches, refs)])
     return totals

@@ -57,3 +57,28 @@ def test_unaligned_merge_of_a_permuted_copy_is_not_the_expert():
     weights = [[0.5, 0.5]] + [[1.0]] * 6
     adapter.apply_clusters(layer, clusters, weights, weights, align=False)
     assert not torch.allclose(adapter.run_experts(layer, x, [0])[0], want, atol=1e-2)
+
+
+def test_reused_alignments_match_each_member_once_and_never_after_its_tensors_change(monkeypatch):
+    """Planning applies many candidate plans sharing clusters: inside `reused_alignments` a weight-only
+    match is computed once per (tensors, representative, member); merged (new) tensors never reuse it."""
+    from optimum_grape.adapters import alignment
+
+    model = tiny_model("mixtral")
+    _, layers = find_moe_layers(model)
+    experts = layers[0].experts
+    calls, original = [], alignment.match_neurons
+    monkeypatch.setattr(alignment, "match_neurons", lambda *a, **k: calls.append(1) or original(*a, **k))
+    clusters, weights = [[0, 1, 2]] + [[e] for e in range(3, 8)], [[0.5, 0.25, 0.25]] + [[1.0]] * 5
+    fresh = aligned_expert_tensors(experts, clusters, weights)
+    assert len(calls) == 2
+    with alignment.reused_alignments():
+        first = aligned_expert_tensors(experts, clusters, weights)
+        again = aligned_expert_tensors(experts, clusters, weights)
+        assert len(calls) == 4  # the second call computed nothing
+        for name in fresh:
+            assert all(torch.equal(fresh[name][m], first[name][m]) and torch.equal(first[name][m], again[name][m])
+                       for m in fresh[name])
+        experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().flip(0))  # new weights
+        aligned_expert_tensors(experts, clusters, weights)
+        assert len(calls) == 6

@@ -75,3 +75,32 @@ def test_a_damaged_base_is_refused_with_what_to_fix_not_a_traceback(ws, tmp_path
     assert re.search(needle, err), err
     assert code == 2 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_base_is_read_tensor_by_tensor_without_a_lasting_map(base_folder, monkeypatch):
+    """`load_base` has transformers read shards with pread, one conversion at a time (a memory-mapped
+    checkpoint keeps every page read resident: ~2x the model). The wrapper must see transformers open
+    each shard (it fails if transformers stops going through modeling_utils.safe_open), the weights
+    must be those of a plain from_pretrained, and nothing is left patched or set afterwards."""
+    import os
+
+    import torch
+    import transformers.modeling_utils as loading
+
+    from optimum_grape.checkpoint.load import load_base
+
+    original, opened = loading.safe_open, []
+
+    def spy(*args, **kwargs):
+        opened.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "safe_open", spy)
+    monkeypatch.delenv("HF_DEACTIVATE_ASYNC_LOAD", raising=False)
+    model, _ = load_base(str(base_folder), trust_remote_code=False)
+    assert opened == ["pread"]
+    assert loading.safe_open is spy and "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ
+    plain = AutoModelForCausalLM.from_pretrained(base_folder)
+    assert opened == ["pread", "mmap"]
+    expected = plain.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())

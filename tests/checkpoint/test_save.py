@@ -1,6 +1,10 @@
-"""Uploading a saved pruned folder (checkpoint/save.py): the weights first, the model card last."""
+"""Saving a pruned folder (checkpoint/save.py): uploads send the weights first and the model card
+last; weight files get the usual mode; a large model is written one decoder layer at a time."""
 
 import pytest
+from transformers import AutoModelForCausalLM
+
+from helpers import logits
 
 from factories import random_token_batches, tiny_model
 from optimum_grape import GrapeConfig, GrapePruner
@@ -67,3 +71,31 @@ def test_a_model_never_pruned_is_not_saved_as_a_pruned_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="never pruned by optimum-grape"):
         GrapePruner(GrapeConfig(pruning_ratio=0.25)).save_pretrained(tiny_model("mixtral"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_large_model_is_written_one_decoder_layer_at_a_time(tmp_path, monkeypatch):
+    """Above STREAM_WEIGHTS_ABOVE, a pruned model in memory is written one shard per decoder layer (no
+    whole-state-dict copy); the tensors are those save_pretrained writes, and the folder loads back."""
+    import torch
+    from safetensors import safe_open
+
+    from factories import pruned_model
+    from optimum_grape.checkpoint import save
+
+    def tensors(folder):
+        out = {}
+        for path in folder.glob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as handle:
+                out.update({k: handle.get_tensor(k) for k in handle.keys()})
+        return out
+
+    model, pruner = pruned_model()
+    pruner.save_pretrained(model, tmp_path / "whole")
+    monkeypatch.setattr(save, "STREAM_WEIGHTS_ABOVE", 0)
+    pruner.save_pretrained(model, tmp_path / "streamed")
+    assert len(list((tmp_path / "whole").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "streamed").glob("*.safetensors"))) == 5  # 4 layers + the rest
+    whole, streamed = tensors(tmp_path / "whole"), tensors(tmp_path / "streamed")
+    assert whole.keys() == streamed.keys() and all(torch.equal(whole[k], streamed[k]) for k in whole)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    assert torch.equal(logits(reloaded), logits(model))

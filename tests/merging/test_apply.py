@@ -1,5 +1,6 @@
-"""Applying a plan in place (merging/apply.py): all or nothing (a plan failing at its last layer, or
-a failure while changing layers, leaves the model exactly as it was), and free-form plan metadata
+"""Applying a plan in place (merging/apply.py): a plan failing at its last layer leaves the model
+exactly as it was; a failure while changing a layer puts that layer back and says which layers were
+already merged; each layer's old tensors are freed as soon as it is merged; free-form plan metadata
 edited by hand cannot break the saved checkpoint."""
 
 import copy
@@ -26,9 +27,9 @@ def test_a_plan_that_fails_at_its_last_layer_changes_nothing():
     assert model_unchanged(model, state, counts)
 
 
-def test_a_failure_while_changing_layers_puts_every_layer_back(monkeypatch):
+def test_a_failure_while_changing_a_layer_puts_it_back_and_names_the_merged_ones(monkeypatch):
     model = tiny_model("mixtral")
-    state, counts, before = {k: v.clone() for k, v in model.state_dict().items()}, [8] * 4, logits(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     adapter = find_moe_layers(model)[0]
     calls, original = [], adapter.apply_clusters
 
@@ -42,10 +43,34 @@ def test_a_failure_while_changing_layers_puts_every_layer_back(monkeypatch):
     plan = PruningPlan(clusters={l: [[0, 1, 2]] + [[e] for e in range(3, 8)] for l in range(4)},
                        num_experts_before={l: 8 for l in range(4)},
                        merge_weights={l: [[0.5, 0.25, 0.25]] + [[1.0]] * 5 for l in range(4)})
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(RuntimeError, match="out of memory") as raised:
         GrapePruner(pruning_ratio=0.25).apply(model, plan)
-    assert calls == [0, 1, 2] and model_unchanged(model, state, counts)
-    assert torch.equal(logits(model), before)
+    assert calls == [0, 1, 2]
+    assert any("layers [0, 1] were already merged" in note for note in raised.value.__notes__)
+    assert [layer.num_experts for layer in find_moe_layers(model)[1]] == [6, 6, 8, 8]
+    third = {k: v for k, v in model.state_dict().items() if ".layers.2." in k or ".layers.3." in k}
+    assert third and all(torch.equal(v, state[k]) for k, v in third.items())
+
+
+def test_each_layers_old_tensors_are_freed_once_it_is_merged(monkeypatch):
+    """Holding every layer's old experts until the last layer is merged would cost a second copy of the
+    experts: when layer i is merged, the tensors layer i-1 had before are already gone."""
+    import weakref
+
+    model = tiny_model("mixtral")
+    adapter, layers = find_moe_layers(model)
+    old = {layer.index: weakref.ref(layer.experts.gate_up_proj) for layer in layers}
+    alive_when_merging, original = {}, adapter.apply_clusters
+
+    def spy(layer, *args, **kwargs):
+        alive_when_merging[layer.index] = [i for i, ref in old.items() if i < layer.index and ref() is not None]
+        return original(layer, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "apply_clusters", spy)
+    plan = PruningPlan(clusters={l: [[0, 1]] + [[e] for e in range(2, 8)] for l in range(4)},
+                       num_experts_before={l: 8 for l in range(4)})
+    GrapePruner(pruning_ratio=0.125).apply(model, plan)
+    assert alive_when_merging == {0: [], 1: [], 2: [], 3: []}
 
 
 def test_edited_metadata_cannot_break_the_checkpoint(tmp_path, planned):

@@ -57,3 +57,24 @@ def test_merging_with_data_keeps_the_budget_and_a_loadable_model(options, tmp_pa
     assert torch.isfinite(logits(model)).all()
     pruner.save_pretrained(model, tmp_path / "out")
     assert PruningPlan.from_json((tmp_path / "out" / "grape_plan.json").read_text()).clusters == plan.clusters
+
+
+def test_streamed_layer_inputs_are_those_of_a_forward_up_to_each_layer():
+    """Merging with data carries the calibration states forward one decoder layer at a time (linear in
+    depth); each MoE layer gets bit for bit what a forward up to it gives, also after earlier layers
+    changed."""
+    from optimum_grape.merging.with_data import StreamedInputs, layer_inputs
+
+    for family in ("mixtral", "qwen2_moe"):
+        model = tiny_model(family)
+        batches = [torch.stack(random_token_batches(n=4))]
+        adapter, layers = find_moe_layers(model)
+        streamed = StreamedInputs(model, batches, max_tokens=64, seed=0)
+        for layer in layers:
+            got, expected = streamed(layer), layer_inputs(model, layer, batches, 64, 0)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), (family, layer.index)
+            adapter.apply_clusters(layer, [[0, 1]] + [[e] for e in range(2, layer.num_experts)],
+                                   [[0.5, 0.5]] + [[1.0]] * (layer.num_experts - 2),
+                                   [[1.0, 0.0]] + [[1.0]] * (layer.num_experts - 2))
+            got, expected = streamed(layer), layer_inputs(model, layer, batches, 64, 0)  # asked again: refit
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), (family, layer.index)

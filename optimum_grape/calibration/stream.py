@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adapters.fused import decoder_of
 from ..errors import UnsupportedModelError
 
 
@@ -81,7 +82,15 @@ def capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]
             return hidden
 
         with stand_ins(layers, on_call):
-            model(input_ids=batch.to(device), use_cache=False)
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+                # e.g. a decoder layer returning (states, routing) that the model unpacks (glm5_next):
+                # a stand-in handing on the states alone breaks the forward.
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}'s forward fails when its decoder layers are run one at a time "
+                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); layer-by-layer mode "
+                    "cannot run it. Prune it in memory (without --layer-by-layer).") from None
         if b == 0:
             out.order = order
         elif order != out.order:
@@ -152,3 +161,32 @@ def experts_inputs(layers: nn.ModuleList, index: int, experts: nn.Module, captur
     finally:
         handle.remove()
     return calls
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(module path, list) of the text decoder's layers: what layer-by-layer mode loads one at a time."""
+    path, decoder = decoder_of(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: running the decoder one layer at a time needs its `layers`, and "
+            f"{type(decoder).__name__} has no `layers` list. Prune it in memory (without --layer-by-layer).")
+    return (f"{path}.layers" if path else "layers"), layers
+
+
+@torch.no_grad()
+def check_streams_like_forward(model: nn.Module, layers: nn.ModuleList, batch: torch.Tensor) -> None:
+    """Refuse (UnsupportedModelError) a model whose layer-by-layer run does not give its forward's logits
+    on `batch`: one that passes more than the hidden states from layer to layer (a shared routing
+    state, mixed residual streams) would otherwise be scored or merged on wrong states, silently."""
+    captured = capture(model, layers, [batch])
+    states = captured.inputs
+    for i in captured.order:
+        states = run_layer(layers, i, captured, states)
+    device = model.get_input_embeddings().weight.device
+    streamed = head_logits(model, layers, captured, 0, states[0]).float()
+    full = model(input_ids=batch.to(device), use_cache=False).logits.float()
+    if streamed.shape != full.shape or not torch.allclose(streamed, full, rtol=1e-4, atol=1e-5):
+        raise UnsupportedModelError(f"{type(model).__name__} run one decoder layer at a time does not reproduce its "
+                                    "forward; layer-by-layer mode cannot run it. Prune it in memory (without "
+                                    "--layer-by-layer).")

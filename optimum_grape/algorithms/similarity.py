@@ -54,26 +54,37 @@ def relative_merge_cost(outputs: torch.Tensor, gates: torch.Tensor, chunk: int =
     with y(t) = sum_e g_e(t) f_e(t), which makes costs comparable across layers.
 
     Expanding the square leaves sums over tokens of g_i^2 d_ij and g_i g_j d_ij, where
-    d_ij = n_i + n_j - 2 <f_i, f_j> (n = squared norms): a few [E, T*H] x [T*H, E] products,
-    accumulated over token chunks so memory stays O(E * chunk * H).
+    d_ij = n_i + n_j - 2 <f_i, f_j> (n = squared norms). The dot products are needed only where g_i is
+    non-zero: for each token, between its k routed experts and all E, a [k, H] x [H, E] product
+    per token ([T, k, E] in all), k/E of the dense [E, T*H] x [T*H, E] products (1/16 for a
+    Qwen3-MoE layer); accumulated over token chunks so memory stays O(E * chunk * H).
     """
     num_experts, num_tokens, _ = outputs.shape
     g = gates.double().T  # [E, T]
-    a = torch.zeros(num_experts, num_experts, dtype=torch.float64)  # sum_t g_i^2 d_ij
-    b = torch.zeros_like(a)  # sum_t g_i g_j d_ij
+    routed = int((g != 0).sum(0).max()) if num_tokens else 0  # experts with a gate per token, at most
+    n = torch.zeros(num_experts, num_tokens, dtype=torch.float64)  # squared output norms
+    cross_g2 = torch.zeros(num_experts, num_experts, dtype=torch.float64)  # sum_t g_i^2 <f_i, f_j>
+    cross_gg = torch.zeros_like(cross_g2)  # sum_t g_i g_j <f_i, f_j>
     energy = 0.0
     for start in range(0, num_tokens, chunk):
         f = outputs[:, start:start + chunk].double()  # [E, c, H]
         gc = g[:, start:start + chunk]  # [E, c]
-        n = (f * f).sum(-1)  # [E, c]
-        g2 = gc * gc
-        flat = f.flatten(1)
-        cross_g2 = (g2[:, :, None] * f).flatten(1) @ flat.T  # sum_t g_i^2 <f_i, f_j>
-        gf = (gc[:, :, None] * f).flatten(1)
-        cross_gg = gf @ gf.T  # sum_t g_i g_j <f_i, f_j>
-        a += (g2 * n).sum(1)[:, None] + g2 @ n.T - 2 * cross_g2
-        b += (gc * n) @ gc.T + gc @ (gc * n).T - 2 * cross_gg
-        energy += float((gf.view(num_experts, -1, f.shape[-1]).sum(0) ** 2).sum())
+        n[:, start:start + chunk] = (f * f).sum(-1)
+        energy += float(((gc[:, :, None] * f).sum(0) ** 2).sum())
+        if routed == 0:
+            continue
+        per_token = f.transpose(0, 1)  # [c, E, H]
+        # [c, k]: each token's routed experts (padded with unrouted ones, whose zero gate adds nothing)
+        chosen = (gc.T != 0).to(torch.uint8).topk(routed, dim=1).indices
+        gate = gc.T.gather(1, chosen)
+        picked = per_token.gather(1, chosen[:, :, None].expand(-1, -1, f.shape[-1]))  # [c, k, H]
+        dots = torch.bmm(picked, per_token.transpose(1, 2))  # [c, k, E]: <f_i, f_j>, i routed
+        rows = chosen.flatten()
+        cross_g2.index_add_(0, rows, ((gate * gate)[:, :, None] * dots).flatten(0, 1))
+        cross_gg.index_add_(0, rows, (gate[:, :, None] * dots * gc.T[:, None, :]).flatten(0, 1))
+    g2 = g * g
+    a = (g2 * n).sum(1)[:, None] + g2 @ n.T - 2 * cross_g2  # sum_t g_i^2 d_ij
+    b = (g * n) @ g.T + g @ (g * n).T - 2 * cross_gg  # sum_t g_i g_j d_ij
     mass = g.sum(1)
     total = (mass[:, None] + mass[None, :]).clamp_min(1e-30)
     w_i, w_j = mass[:, None] / total, mass[None, :] / total  # w_i of pair (i, j)

@@ -135,7 +135,7 @@ def _score_in_memory(model, plans: list[PruningPlan], batches: list[torch.Tensor
         try:
             _, layers = decoder_layers(model)
             if batches:
-                check_streams_like_forward(model, layers, batches[0])
+                check_streams_like_forward(model, layers, batches[0][:1])  # one sequence settles it
             return stream_scores(model, layers, find_moe_layers(model), plans, batches,
                                  lambda order: tqdm(order, desc="GRAPE scoring plans", unit="layer", leave=False))
         except UnsupportedModelError as err:

@@ -44,14 +44,16 @@ def random_gates(tokens, experts, top_k=2, seed=0):
     return gates
 
 
-def test_merge_cost_matches_its_definition_token_by_token():
+@pytest.mark.parametrize("experts,top_k", [(5, 2), (12, 4)])
+def test_merge_cost_matches_its_definition_token_by_token(experts, top_k):
     gen = torch.Generator().manual_seed(0)
-    outputs, gates = torch.randn(5, 37, 6, generator=gen), random_gates(37, 5)
+    outputs, gates = torch.randn(experts, 37, 6, generator=gen), random_gates(37, experts, top_k)
+    gates[3, gates[3].nonzero()[0]] = 0.0  # a token with fewer routed experts than the others
     cost = relative_merge_cost(outputs, gates, chunk=8)  # several chunks
     mass = gates.double().sum(0)
     out = outputs.double()
     energy = ((gates.double().T[:, :, None] * out).sum(0) ** 2).sum(-1).mean()
-    for i, j in itertools.permutations(range(5), 2):
+    for i, j in itertools.permutations(range(experts), 2):
         w_i = mass[i] / (mass[i] + mass[j])
         err = (gates[:, i].double() * (1 - w_i) - gates[:, j].double() * w_i)[:, None] * (out[i] - out[j])
         assert float(cost[i, j]) == pytest.approx(float((err ** 2).sum(-1).mean() / energy), rel=1e-6)

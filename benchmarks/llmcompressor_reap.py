@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -55,14 +54,6 @@ RATIO, NUM_SAMPLES, SEQUENCE_LENGTH, BATCH_SIZE, SEED = 0.25, 8, 128, 4, 0
 # reach for the Hub.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-# Runs the command given after it and reports the peak RSS of that command alone: a process's
-# RUSAGE_CHILDREN is the largest child it ever waited for, so each measured job gets its own parent
-# (as benchmarks/scale.py does).
-_PEAK_OF = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-            "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-            "sys.exit(rc)")
-
 
 # ---------------------------------------------------------------- the llm-compressor child
 
@@ -110,19 +101,16 @@ def lc_job(model_path: str, output: str, ids_path: str, report: str, pipeline: s
 # ---------------------------------------------------------------- measuring
 
 def run_measured(command: list[str]) -> dict:
-    """Run `command` under its own parent: wall seconds, user+sys CPU seconds and peak RSS bytes."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Run `command` under its own parent (scale.py's `measured`): wall seconds, user+sys CPU seconds
+    and peak RSS bytes."""
+    from scale import measured  # imports torch: only here, never in the llm-compressor child
+
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", _PEAK_OF, *command], capture_output=True, text=True, env=ENV,
-                            check=False)  # a failure is reported below, with the child's log
+    result, peak, cpu = measured(command, env=ENV)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    # A waited-for child's times include its own waited-for children: job plus the small parent.
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    peak_line = [ln for ln in result.stderr.splitlines() if ln.startswith("peak_rss_kb ")][-1]
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_bytes": int(peak_line.split()[1]) * 1024}
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_bytes": peak}
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -179,12 +167,10 @@ def versions(python: str) -> dict:
     return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout)
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-
-
 def checkpoint_summary(folder: Path) -> dict:
     """What each job wrote: its size and the expert count its config declares."""
+    from scale import folder_bytes
+
     config = json.loads((folder / "config.json").read_text())
     return {"bytes_on_disk": folder_bytes(folder), "num_local_experts": config.get("num_local_experts")}
 
@@ -234,13 +220,13 @@ def compare(args) -> int:
     # absolute, not resolve: testbeds/cache may be a symlink, and the record names the project path
     model = args.model.absolute()
     if not (model / "config.json").exists():
-        raise SystemExit(f"{model} not found: build it with `python benchmarks/scale.py --layers 6`.")
+        raise SystemExit(f"{model} not found: build it with `python benchmarks/scale.py --models mixtral-6L`.")
     work = args.work.absolute()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ids_path = work / "calibration_ids.json"
     ids_path.write_text(json.dumps(calibration_ids(model)))
-    size = folder_bytes(model)
+    size = checkpoint_summary(model)["bytes_on_disk"]
     commands = {"optimum_grape": grape_command(model, work / "optimum_grape"),
                 "llm_compressor": lc_command(args.lc_python, model, work / "llm_compressor", ids_path,
                                              work / "llm_compressor.json", "basic"),
@@ -248,6 +234,7 @@ def compare(args) -> int:
                                                         ids_path, work / "llm_compressor_sequential.json",
                                                         "sequential")}
     warm_page_cache(model)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     runs = {}
     for name, command in commands.items():
         print(f"running {name}: {' '.join(command)}", flush=True)
@@ -279,7 +266,8 @@ def compare(args) -> int:
         "same_experts_kept_as_optimum_grape": same,
         "pruned_checkpoints": outputs,
         "differences": DIFFERENCES,
-        "machine_note": "2 shared CPU cores with other jobs running: CPU seconds are steadier than wall seconds.",
+        # What else the machine was doing, measured rather than asserted: CPU seconds are steadier than wall.
+        "load_average_1_5_15_min_at_start": load_at_start,
         "command": " ".join(["python", *sys.argv]),
     }
     RESULTS.mkdir(exist_ok=True)

@@ -11,6 +11,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # the tiny test models gain nothing from more, and with a second thread on a busy 2-core machine a
 # forward pass measured 2.2 s instead of 0.012 s (OpenMP threads spinning against other processes).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Reproducible MKL (conditional numerical reproducibility, read when MKL first runs): without it, on
+# an AVX-512 CPU MKL's float32 matmuls change in the last bit with the memory alignment of their
+# operands, and a layer loaded from disk by the layer-by-layer path sits at other addresses than the
+# in-memory model's (tests/layerwise/test_model.py[qwen3_vl_moe] then differed by 1e-6 from layer 2
+# on). The tests compare the two paths bit for bit, so they pin the code path MKL takes.
+os.environ.setdefault("MKL_CBWR", "AVX2")
 
 import torch  # noqa: E402
 

@@ -160,6 +160,13 @@ class {model_class}(transformers.{model_class}):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         resize_experts(self, config)
+
+    @classmethod
+    def _can_set_experts_implementation(cls):
+        # transformers looks for `@use_experts_implementation` in the source of the module defining the
+        # class, which is this file; the experts are the base class's, so answer as it does (else the
+        # experts fall back to 'eager': slower, and not the kernels a plain load runs).
+        return transformers.{model_class}._can_set_experts_implementation()
 '''
 
 

@@ -44,10 +44,13 @@ def test_a_non_uniform_checkpoint_loads_where_optimum_grape_cannot_be_imported(t
             "ids = torch.arange(24).reshape(2, 12) % 90\n"
             "with torch.no_grad(): logits = m(ids).logits\n"
             f"save_file({{'logits': logits.contiguous()}}, {str(tmp_path / 'logits.safetensors')!r})\n"
-            "print([l.mlp.experts.num_experts for l in m.model.layers])")
+            "print([l.mlp.experts.num_experts for l in m.model.layers])\n"
+            "print(m.config._experts_implementation)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == str(list(plan.experts_per_layer.values()))
+    counts, experts_implementation = result.stdout.strip().splitlines()
+    assert counts == str(list(plan.experts_per_layer.values()))
+    assert experts_implementation == model.config._experts_implementation  # the kernels a plain load runs
     assert "Unknown quantization type" not in result.stderr
     assert torch.equal(load_file(tmp_path / "logits.safetensors")["logits"], expected)
 

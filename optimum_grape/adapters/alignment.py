@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..algorithms.alignment import match_neurons, paired_index
+from ..runtime.memory import return_free_memory
 
 
 def neuron_axes(experts: nn.Module) -> dict[str, tuple[int, bool]]:
@@ -82,6 +83,7 @@ def _weight_match(experts: nn.Module, axes, rep: int, member: int, ref) -> torch
     if hit is not None and (all(s is not None for s in sources) or all(r() is t for r, t in zip(hit[0], tensors))):
         return hit[1]
     perm = match_neurons(ref(), neuron_features(experts, member, axes))
+    return_free_memory()  # its float64 features and [I, I] cosines: the largest temporaries of merging
     if cache is not None:
         cache[key] = ([weakref.ref(t) for t in tensors], perm)
     return perm
@@ -114,6 +116,7 @@ def aligned_expert_tensors(experts: nn.Module, clusters, weights, activations=No
                 perm = _weight_match(experts, axes, members[0], m, ref)
             else:
                 perm = match_neurons(ref(), neuron_features(experts, m, axes), ref_acts, activations(m))
+                return_free_memory()  # as in _weight_match
             for name, (axis, paired) in axes.items():
                 index = paired_index(perm, interleaved) if paired else perm
                 tensor = getattr(experts, name).detach()

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import GrapeError, remote_code_hint
-from ..merging.memory import return_free_memory
+from ..runtime.memory import return_free_memory
 
 DEFAULT_MODEL = "default"
 

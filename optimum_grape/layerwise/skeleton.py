@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import UnsupportedModelError, remote_code_hint
 from ..adapters.alignment import SOURCE_ATTRIBUTE
 from ..calibration.stream import decoder_layers
-from ..merging.memory import return_free_memory
+from ..runtime.memory import return_free_memory
 from .checkpoint_index import CheckpointIndex
 
 logger = logging.getLogger("optimum_grape")

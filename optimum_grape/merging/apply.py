@@ -22,7 +22,7 @@ from ..adapters import MoEAdapter, find_moe_layers
 from ..adapters.fused import is_fused_experts, text_config
 from ..algorithms.merging import router_weights
 from ..plan import PruningPlan
-from .memory import return_free_memory
+from ..runtime.memory import return_free_memory
 from ..validation import check_plan_fits
 
 logger = logging.getLogger("optimum_grape")

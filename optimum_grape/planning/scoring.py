@@ -33,6 +33,7 @@ from ..calibration import distributed
 from ..calibration.stream import capture, check_streams_like_forward, decoder_layers, head_logits, run_layer
 from ..errors import UnsupportedModelError
 from ..merging.apply import Snapshot, apply_clusters
+from ..runtime.memory import return_free_memory
 from ..plan import PruningPlan
 
 logger = logging.getLogger("optimum_grape")
@@ -116,6 +117,7 @@ def stream_scores(module, layers, found, plans: list[PruningPlan], batches: list
                 finally:
                     snapshot.restore()
                     del snapshot  # it holds the layer's tensors: freeing the layer must free them
+                    return_free_memory()  # the candidate's merged tensors, gone: hand them back now
             elif variants[v] is not None:
                 variants[v] = run_layer(layers, i, captured, variants[v])
     totals = [[] for _ in plans]

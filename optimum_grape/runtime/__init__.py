@@ -1,0 +1,1 @@
+"""How the process runs, beneath every stage: handing freed memory back to the OS (`memory`)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -26,6 +27,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_files(paths: list[Path]) -> list[str]:
+    """`sha256_file` of each path, several files at once: hashlib and file reads release the GIL, so
+    threads hash a sharded checkpoint's files in parallel (a 1.2 GB checkpoint takes ~0.9 s on one core)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, min(len(paths), os.cpu_count() or 1, 8))
+    if workers == 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and
                   (p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json")))
@@ -33,7 +46,8 @@ def weight_files(folder: Path) -> list[Path]:
 
 def write_manifest(folder) -> None:
     folder = Path(folder)
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in weight_files(folder)}
+    paths = weight_files(folder)
+    files = {p.name: {"sha256": digest, "bytes": p.stat().st_size} for p, digest in zip(paths, sha256_files(paths))}
     # Every other file optimum-grape wrote, by name: what `overwrite` may replace (destinations.py).
     written = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in files)
     text = json.dumps({"algorithm": "sha256", "files": files, "written": written}, indent=2, sort_keys=True) + "\n"
@@ -75,17 +89,21 @@ def verify_folder(folder) -> tuple[list[str], list[str]]:
     weight file the manifest does not list."""
     folder = Path(folder)
     expected = read_manifest(folder)
-    problems, verified = [], []
+    problems, verified, to_hash = [], [], []
     for name, entry in sorted(expected.items()):
         path = folder / name
         if not path.is_file():
             problems.append(f"{name}: missing")
         elif path.stat().st_size != entry["bytes"]:
             problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
-        elif sha256_file(path) != entry["sha256"]:
+        else:
+            to_hash.append(name)
+    for name, digest in zip(to_hash, sha256_files([folder / name for name in to_hash])):
+        if digest != expected[name]["sha256"]:
             problems.append(f"{name}: SHA-256 mismatch (the file was changed or damaged)")
         else:
             verified.append(name)
+    problems.sort()  # by file name, as the manifest lists them
     problems += [f"{p.name}: not listed in {MANIFEST_FILE}" for p in weight_files(folder) if p.name not in expected]
     if not any(name.endswith(".safetensors") for name in expected):
         problems.append(f"{MANIFEST_FILE} lists no weight file (*.safetensors): nothing here could be verified")

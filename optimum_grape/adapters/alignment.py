@@ -72,6 +72,18 @@ def reused_alignments(store: dict | None = None):
 SOURCE_ATTRIBUTE = "_grape_source"
 
 
+# An alignment's float64 features and [I, I] cosines are the largest temporaries of merging (50 MB
+# each for a Mixtral-sized expert); handing them back right away keeps a layer's merge from piling
+# up freed heap. Trimming walks the whole heap, so the many small alignments of a fine-grained layer
+# (128 experts of 256 neurons: 3 MB of features) skip it.
+TRIM_AFTER_FEATURE_BYTES = 16 << 20
+
+
+def _after_alignment(feature_bytes: int) -> None:
+    if feature_bytes >= TRIM_AFTER_FEATURE_BYTES:
+        return_free_memory()
+
+
 def _weight_match(experts: nn.Module, axes, rep: int, member: int, ref) -> torch.Tensor:
     """`match_neurons` on weights only, through the `reused_alignments` cache when one is open;
     `ref()` gives the representative's features (built only on a miss)."""
@@ -82,8 +94,9 @@ def _weight_match(experts: nn.Module, axes, rep: int, member: int, ref) -> torch
     hit = cache.get(key) if cache is not None else None
     if hit is not None and (all(s is not None for s in sources) or all(r() is t for r, t in zip(hit[0], tensors))):
         return hit[1]
-    perm = match_neurons(ref(), neuron_features(experts, member, axes))
-    return_free_memory()  # its float64 features and [I, I] cosines: the largest temporaries of merging
+    features = neuron_features(experts, member, axes)
+    perm = match_neurons(ref(), features)
+    _after_alignment(features.nbytes)
     if cache is not None:
         cache[key] = ([weakref.ref(t) for t in tensors], perm)
     return perm
@@ -115,8 +128,9 @@ def aligned_expert_tensors(experts: nn.Module, clusters, weights, activations=No
             if activations is None:
                 perm = _weight_match(experts, axes, members[0], m, ref)
             else:
-                perm = match_neurons(ref(), neuron_features(experts, m, axes), ref_acts, activations(m))
-                return_free_memory()  # as in _weight_match
+                features = neuron_features(experts, m, axes)
+                perm = match_neurons(ref(), features, ref_acts, activations(m))
+                _after_alignment(features.nbytes)
             for name, (axis, paired) in axes.items():
                 index = paired_index(perm, interleaved) if paired else perm
                 tensor = getattr(experts, name).detach()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -19,19 +20,48 @@ MANIFEST_FILE = "grape_manifest.json"
 _CHUNK = 1 << 20
 
 
-def sha256_file(path: Path) -> str:
+def _read_sha256(path: Path) -> str:
+    return _sha256_of(open(path, "rb"))
+
+
+def _sha256_of(handle) -> str:
+    """SHA-256 of an open file's bytes; closes it."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with handle:
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
+# Files whose hashing started while the rest of the checkpoint was still being written, by identity
+# (device, inode, size, mtime): a rename keeps it, any rewrite changes it.
+_AHEAD: dict[tuple, Future] = {}
+_AHEAD_POOL: list[ThreadPoolExecutor] = []
+
+
+def _identity(path: Path) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def hash_ahead(path: Path) -> None:
+    """Start hashing a finished weight file on a background thread while the next one is written:
+    `sha256_file` on the same file, renamed or not, then waits for that digest instead of reading the
+    file again. hashlib and reads release the GIL, so this overlaps with writing."""
+    if not _AHEAD_POOL:
+        _AHEAD_POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="grape-sha256"))
+    handle = open(path, "rb")  # opened here, not on the thread: the writer may rename the file next
+    _AHEAD[_identity(path)] = _AHEAD_POOL[0].submit(_sha256_of, handle)
+
+
+def sha256_file(path: Path) -> str:
+    ahead = _AHEAD.pop(_identity(path), None)
+    return ahead.result() if ahead is not None else _read_sha256(path)
+
+
 def sha256_files(paths: list[Path]) -> list[str]:
     """`sha256_file` of each path, several files at once: hashlib and file reads release the GIL, so
     threads hash a sharded checkpoint's files in parallel (a 1.2 GB checkpoint takes ~0.9 s on one core)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     workers = max(1, min(len(paths), os.cpu_count() or 1, 8))
     if workers == 1:
         return [sha256_file(p) for p in paths]

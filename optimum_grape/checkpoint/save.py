@@ -13,7 +13,7 @@ from .card import base_license, set_repo_id, write_inputs, write_model_card
 from .destinations import check_destination
 from .staging import make_staging_folder, staging_path
 from ..errors import CheckpointError
-from .manifest import write_manifest
+from .manifest import hash_ahead, write_manifest
 from .remote_code import write_remote_code
 from ..plan import PruningPlan
 
@@ -87,10 +87,20 @@ def write_weights_streamed(model, folder: Path, save_original_format: bool = Tru
     inside = set()
     for i, layer in enumerate(layers):
         writer.write_part(layer.state_dict(prefix=f"{path}.{i}."))
+        _hash_last_part(writer)
         inside |= {id(t) for t in [*layer.parameters(), *layer.buffers()]}
     writer.write_part({k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in inside})
+    _hash_last_part(writer)
     writer.finish()
     write_config(model, folder, model.dtype)
+
+
+def _hash_last_part(writer) -> None:
+    """The manifest's digest of the shard just written, computed while the next one is (finish()
+    renames shards, which keeps them the same files, and deletes empty ones, never hashed)."""
+    path, keys = writer.parts[-1]
+    if keys:
+        hash_ahead(path)
 
 
 def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None, overwrite: bool = False,

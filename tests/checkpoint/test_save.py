@@ -99,3 +99,14 @@ def test_a_large_model_is_written_one_decoder_layer_at_a_time(tmp_path, monkeypa
     assert whole.keys() == streamed.keys() and all(torch.equal(whole[k], streamed[k]) for k in whole)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
     assert torch.equal(logits(reloaded), logits(model))
+    # Each shard was hashed while the next was written, before its rename: the manifest still holds
+    # every shard's digest, and nothing is left waiting.
+    import hashlib
+    import json
+
+    from optimum_grape.checkpoint import manifest
+
+    listed = json.loads((tmp_path / "streamed" / "grape_manifest.json").read_text())["files"]
+    shards = sorted((tmp_path / "streamed").glob("*.safetensors"))
+    assert all(listed[p.name]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest() for p in shards)
+    assert not manifest._AHEAD

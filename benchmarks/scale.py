@@ -280,15 +280,22 @@ def main() -> int:
     if "models" not in record:  # a results file of the earlier layout is replaced whole
         record = {"models": {}}
     record.update({"job": "optimum-grape prune BASE " + " ".join(JOB), "import_only_peak_rss_bytes": floor,
-                   "cpu_threads": 1, "device": args.device, "command": " ".join(["python", *sys.argv])})
+                   "cpu_threads": 1, "device": args.device})
+    record.pop("command", None)  # each model (and the torchrun run) records its own
+    command = " ".join(["python", *sys.argv])
     for name in args.models:
-        record["models"][name] = measure_model(name, args.work, args.device)
+        # What else the machine was doing when this model's runs began, measured rather than asserted;
+        # models of one results file may come from different runs, so each says which.
+        started = {"command": command, "date": time.strftime("%Y-%m-%d"),
+                   "load_average_1_5_15_min_at_start": [round(x, 2) for x in os.getloadavg()]}
+        record["models"][name] = {**measure_model(name, args.work, args.device), "measured": started}
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(record, indent=1) + "\n")  # after each model: a long run keeps what it measured
     ok = all(m.get("identical_output", {}).get("weights_equal", True) and
              m.get("identical_output", {}).get("plan_equal", True) for m in record["models"].values())
     if not args.no_torchrun and args.device == "cpu":
-        record["torchrun"] = two_processes(args.work)
+        record["torchrun"] = {**two_processes(args.work), "measured": {"command": command,
+                                                                        "date": time.strftime("%Y-%m-%d")}}
         print(f"torchrun 2 processes: clusters equal to 1 process: {record['torchrun']['clusters_equal']}")
         ok = ok and record["torchrun"]["clusters_equal"]
         path.write_text(json.dumps(record, indent=1) + "\n")

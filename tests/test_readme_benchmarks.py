@@ -47,3 +47,12 @@ def test_quality_refuses_an_unknown_variant_before_loading_a_model():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "--variants ['merge=average']: choose from" in result.stderr and "'merge=drop'" in result.stderr
+
+
+def test_scale_table_and_readme_lines_equal_the_results_files():
+    found = report.section(report.SCALE).search(report.SCALE_DOC.read_text(encoding="utf-8"))
+    assert found, f"{report.SCALE_DOC} lost its <!-- quality:scale:begin --> block"
+    assert found.group(2) == report.scale_table(), f"docs/scale.md's table is {STALE}"
+    found = report.section(report.SCALE_SUMMARY).search(report.README.read_text(encoding="utf-8"))
+    assert found, "README.md lost its <!-- quality:scale-summary:begin --> block"
+    assert found.group(2) == report.scale_summary(), f"README's memory and time lines are {STALE}"

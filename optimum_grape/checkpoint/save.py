@@ -85,22 +85,19 @@ def write_weights_streamed(model, folder: Path, save_original_format: bool = Tru
     path, layers = decoder_layers(model)
     writer = ShardWriter(folder, model, getattr(model, "_weight_conversions", None), save_original_format)
     inside = set()
+    # Each shard's manifest digest is computed while the next is written (finish() renames shards,
+    # which keeps them the same files).
     for i, layer in enumerate(layers):
-        writer.write_part(layer.state_dict(prefix=f"{path}.{i}."))
-        _hash_last_part(writer)
+        _hash_ahead(writer.write_part(layer.state_dict(prefix=f"{path}.{i}.")))
         inside |= {id(t) for t in [*layer.parameters(), *layer.buffers()]}
-    writer.write_part({k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in inside})
-    _hash_last_part(writer)
+    _hash_ahead(writer.write_part({k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in inside}))
     writer.finish()
     write_config(model, folder, model.dtype)
 
 
-def _hash_last_part(writer) -> None:
-    """The manifest's digest of the shard just written, computed while the next one is (finish()
-    renames shards, which keeps them the same files, and deletes empty ones, never hashed)."""
-    path, keys = writer.parts[-1]
-    if keys:
-        hash_ahead(path)
+def _hash_ahead(shard: Path | None) -> None:
+    if shard is not None:  # None: an empty part, which finish() deletes
+        hash_ahead(shard)
 
 
 def save_pruned(model, out_dir, tokenizer=None, plan: PruningPlan | None = None, overwrite: bool = False,

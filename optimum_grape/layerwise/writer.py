@@ -26,8 +26,9 @@ class ShardWriter:
         self.parts: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
-    def write_part(self, state: dict[str, torch.Tensor]) -> None:
-        """Write one part's tensors (full model names, as in `model.state_dict()`) as a shard."""
+    def write_part(self, state: dict[str, torch.Tensor]) -> Path | None:
+        """Write one part's tensors (full model names, as in `model.state_dict()`) as a shard; its path,
+        or None when the part holds no tensor (`finish` deletes such a file)."""
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -42,6 +43,7 @@ class ShardWriter:
         save_file(state, str(path), metadata={"format": "pt"})
         self.parts.append((path, sorted(state)))
         self.total_bytes += sum(t.numel() * t.element_size() for t in state.values())
+        return path if state else None
 
     def finish(self) -> None:
         parts = [(path, keys) for path, keys in self.parts if keys]

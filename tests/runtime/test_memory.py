@@ -1,13 +1,11 @@
 """return_free_memory hands freed heap back to the OS: resident memory drops by what was freed."""
 
-import ctypes
-import ctypes.util
 import subprocess
 import sys
 
 import pytest
 
-from optimum_grape.runtime.memory import return_free_memory
+from optimum_grape.runtime.memory import _trim, return_free_memory
 
 # Run in a fresh process: how glibc serves these blocks depends on the allocator's history (its
 # mmap threshold, the arenas other threads used), which a long test session has changed.
@@ -34,16 +32,7 @@ print(before - rss(), sum(int(t.sum()) for t in live))
 """
 
 
-def _glibc() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return hasattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim")
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _glibc(), reason="malloc_trim is glibc's")
+@pytest.mark.skipif(_trim() is None, reason="malloc_trim is glibc's")
 def test_freed_heap_blocks_are_handed_back():
     result = subprocess.run([sys.executable, "-c", FREED_AND_HANDED_BACK], capture_output=True, text=True,
                             timeout=120)

@@ -21,6 +21,7 @@ from .algorithms.budget import check_budget
 from .calibration import (check_token_ids, distributed, load_calibration_data, recording, sample_windows,
                           warn_if_degenerate, warn_if_little_data)
 from .calibration.recorder import set_batch
+from .calibration.stream import forward_for_states
 from .checkpoint.save import push_pruned, save_pruned
 from .config import GrapeConfig
 from .errors import GrapeConfigError
@@ -176,7 +177,7 @@ class GrapePruner:
         try:
             for index, batch in tqdm(mine, desc="GRAPE calibration", unit="batch", leave=False):
                 set_batch(recorders, index)
-                model(input_ids=batch.to(device), use_cache=False)
+                forward_for_states(model, batch.to(device))
         finally:
             model.train(was_training)
 

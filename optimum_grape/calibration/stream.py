@@ -14,6 +14,7 @@ forward, so a streamed pass gives the full forward's values.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,27 @@ from torch import nn
 
 from ..adapters.fused import decoder_of
 from ..errors import UnsupportedModelError
+
+
+def forward_for_states(model: nn.Module, input_ids: torch.Tensor):
+    """The model's forward on `input_ids` run for what happens inside its decoder (recording, capture),
+    not for its logits: the head computes the last position only (`logits_to_keep=1`, which every
+    transformers causal LM takes). A 32k-vocabulary head over every token is a third of a small
+    MoE's forward (Qwen3-MoE shaped, hidden 512) and calibration never reads those logits."""
+    kwargs = {"use_cache": False}
+    if "logits_to_keep" in _forward_parameters(type(model)):
+        kwargs["logits_to_keep"] = 1
+    return model(input_ids=input_ids, **kwargs)
+
+
+def _forward_parameters(cls) -> frozenset[str]:
+    cached = _PARAMETERS.get(cls)
+    if cached is None:
+        cached = _PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return cached
+
+
+_PARAMETERS: dict[type, frozenset[str]] = {}
 
 
 @dataclass
@@ -83,7 +105,7 @@ def capture(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]
 
         with stand_ins(layers, on_call):
             try:
-                model(input_ids=batch.to(device), use_cache=False)
+                forward_for_states(model, batch.to(device))
             except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
                 # e.g. a decoder layer returning (states, routing) that the model unpacks (glm5_next):
                 # a stand-in handing on the states alone breaks the forward.

@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ..algorithms.alignment import match_neurons, paired_index
+from ..algorithms.alignment import match_unit_neurons, paired_index, unit_rows_
 from ..runtime.memory import return_free_memory
 
 
@@ -94,8 +95,8 @@ def _weight_match(experts: nn.Module, axes, rep: int, member: int, ref) -> torch
     hit = cache.get(key) if cache is not None else None
     if hit is not None and (all(s is not None for s in sources) or all(r() is t for r, t in zip(hit[0], tensors))):
         return hit[1]
-    features = neuron_features(experts, member, axes)
-    perm = match_neurons(ref(), features)
+    features = unit_rows_(neuron_features(experts, member, axes))
+    perm = match_unit_neurons(ref(), features)
     _after_alignment(features.nbytes)
     if cache is not None:
         cache[key] = ([weakref.ref(t) for t in tensors], perm)
@@ -103,36 +104,54 @@ def _weight_match(experts: nn.Module, axes, rep: int, member: int, ref) -> torch
 
 
 def aligned_expert_tensors(experts: nn.Module, clusters, weights, activations=None
-                           ) -> dict[str, dict[int, torch.Tensor]]:
+                           ) -> dict[str, "AlignedRows"]:
     """Per expert tensor name, {member: its row with neurons permuted to match the cluster's
     representative (members[0])}, for every member that is averaged into a cluster; rows not listed
     are used as stored (`combine_rows(..., replaced=...)`), so no copy of the whole tensor is made.
+    The permutations are computed here; each permuted row only when it is read (`AlignedRows`), so
+    merging holds one member's row at a time, not every merged member's.
     `activations(e)` -> [I, T], when given, matches neurons on their activations on calibration
     tokens as well as their weights."""
     axes = neuron_axes(experts)
     interleaved = not getattr(experts, "is_concatenated", True)
-    out: dict[str, dict[int, torch.Tensor]] = {name: {} for name in axes}
+    perms: dict[int, torch.Tensor] = {}
     for members, w in zip(clusters, weights):
         averaged = [m for m, wm in zip(members[1:], w[1:]) if wm != 0.0]
         if not averaged:
             continue
         built = {}
 
-        def ref(rep=members[0]) -> torch.Tensor:  # the representative's features, built once, only when needed
+        def ref(rep=members[0]) -> torch.Tensor:  # the representative's unit features, built once, only when needed
             if "features" not in built:
-                built["features"] = neuron_features(experts, rep, axes)
+                built["features"] = unit_rows_(neuron_features(experts, rep, axes))
             return built["features"]
 
         ref_acts = activations(members[0]) if activations is not None else None
         for m in averaged:
             if activations is None:
-                perm = _weight_match(experts, axes, members[0], m, ref)
+                perms[m] = _weight_match(experts, axes, members[0], m, ref)
             else:
-                features = neuron_features(experts, m, axes)
-                perm = match_neurons(ref(), features, ref_acts, activations(m))
+                features = unit_rows_(neuron_features(experts, m, axes))
+                perms[m] = match_unit_neurons(ref(), features, ref_acts, activations(m))
                 _after_alignment(features.nbytes)
-            for name, (axis, paired) in axes.items():
-                index = paired_index(perm, interleaved) if paired else perm
-                tensor = getattr(experts, name).detach()
-                out[name][m] = tensor[m].index_select(axis, index.to(tensor.device))
-    return out
+    return {name: AlignedRows(getattr(experts, name).detach(), axis, paired, interleaved, perms)
+            for name, (axis, paired) in axes.items()}
+
+
+class AlignedRows(Mapping):
+    """{member: `tensor[member]` with its neurons permuted}, each row built when it is read."""
+
+    def __init__(self, tensor: torch.Tensor, axis: int, paired: bool, interleaved: bool,
+                 perms: dict[int, torch.Tensor]) -> None:
+        self.tensor, self.axis, self.paired, self.interleaved, self.perms = tensor, axis, paired, interleaved, perms
+
+    def __getitem__(self, member: int) -> torch.Tensor:
+        perm = self.perms[member]
+        index = paired_index(perm, self.interleaved) if self.paired else perm
+        return self.tensor[member].index_select(self.axis, index.to(self.tensor.device))
+
+    def __iter__(self):
+        return iter(self.perms)
+
+    def __len__(self) -> int:
+        return len(self.perms)

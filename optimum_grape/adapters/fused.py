@@ -213,7 +213,8 @@ class FusedExpertsAdapter(GroupedRouting, InferredRouting, MoEAdapter):
         acts = (lambda e: self.expert_activations(layer, inputs, e).T) if inputs is not None else None
         aligned = aligned_expert_tensors(layer.experts, clusters, weights, acts) if align else {}
         self._rewrite(layer,
-                      lambda name, t: combine_rows(t, clusters, weights, aligned.get(name)),
+                      # popped: each tensor's aligned rows read the old tensor, which must go once it is replaced
+                      lambda name, t: combine_rows(t, clusters, weights, aligned.pop(name, None)),
                       lambda name, t: combine_rows(t, clusters, router_weights),
                       len(clusters))
 

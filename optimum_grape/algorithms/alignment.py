@@ -22,18 +22,31 @@ def match_neurons(reference: torch.Tensor, member: torch.Tensor, reference_acts:
     on the mean of two cosines: of their weights and of their centred activations (REAM, arXiv
     2604.04356, aligns on activations plus weights: two neurons can have unlike weights yet fire alike
     on the data that matters)."""
-    def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a = torch.nn.functional.normalize(a.double(), dim=-1)
-        b = torch.nn.functional.normalize(b.double(), dim=-1)
-        return a @ b.T
+    return match_unit_neurons(unit_rows_(reference.double().clone()), unit_rows_(member.double().clone()),
+                              reference_acts, member_acts)
 
+
+def unit_rows_(features: torch.Tensor) -> torch.Tensor:
+    """`features` (float64, owned by the caller) with each row scaled to unit length, in place: the
+    values `torch.nn.functional.normalize` returns, without a second [I, F] copy."""
+    return torch.nn.functional.normalize(features, dim=-1, out=features)
+
+
+def match_unit_neurons(reference: torch.Tensor, member: torch.Tensor, reference_acts: torch.Tensor | None = None,
+                       member_acts: torch.Tensor | None = None) -> torch.Tensor:
+    """`match_neurons` on weight features already made unit rows by `unit_rows_`: what merging a large
+    expert holds at once is then the two feature matrices and one [I, I] score (each a Mixtral-sized
+    expert's 50 MB and 33 MB), where normalising copies and the solver's own negated copy of the
+    score doubled it."""
     from scipy.optimize import linear_sum_assignment  # here: scipy.optimize costs 0.25 s to import
 
-    score = cosines(reference, member)
+    score = reference @ member.T
     if reference_acts is not None and member_acts is not None:
         centred = [x.double() - x.double().mean(dim=1, keepdim=True) for x in (reference_acts, member_acts)]
-        score = (score + cosines(*centred)) / 2
-    _, cols = linear_sum_assignment(score.cpu().numpy(), maximize=True)
+        centred = [torch.nn.functional.normalize(x, dim=-1, out=x) for x in centred]
+        score = (score + centred[0] @ centred[1].T) / 2
+    # maximize=True would negate a copy of the score; negating it here, in place, is the same problem.
+    _, cols = linear_sum_assignment(score.neg_().cpu().numpy())
     return torch.as_tensor(cols, dtype=torch.long)
 
 

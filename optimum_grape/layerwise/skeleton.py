@@ -125,6 +125,7 @@ class Skeleton:
                     self._used[id(original)] = original
         if group is REST:
             self.model.tie_weights()
+        return_free_memory()  # the checkpoint's per-expert tensors, stacked into fused ones and freed
         module = self.part(group)
         for name, param in self._own_parameters(module, group):  # lets planning reuse neuron matches
             setattr(param, SOURCE_ATTRIBUTE, (str(self.folder), group, name))

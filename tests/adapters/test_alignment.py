@@ -67,8 +67,8 @@ def test_reused_alignments_match_each_member_once_and_never_after_its_tensors_ch
     model = tiny_model("mixtral")
     _, layers = find_moe_layers(model)
     experts = layers[0].experts
-    calls, original = [], alignment.match_neurons
-    monkeypatch.setattr(alignment, "match_neurons", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls, original = [], alignment.match_unit_neurons
+    monkeypatch.setattr(alignment, "match_unit_neurons", lambda *a, **k: calls.append(1) or original(*a, **k))
     clusters, weights = [[0, 1, 2]] + [[e] for e in range(3, 8)], [[0.5, 0.25, 0.25]] + [[1.0]] * 5
     fresh = aligned_expert_tensors(experts, clusters, weights)
     assert len(calls) == 2

@@ -243,7 +243,10 @@ def compare(args) -> int:
                                                         ids_path, work / "llm_compressor_sequential.json",
                                                         "sequential")}
     warm_page_cache(model)
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    sys.path.insert(0, str(BENCH))
+    from machine import machine_now
+
+    machine = machine_now()
     # Round robin, not one job's repeats in a row: a slow spell of the machine (another process, the
     # page cache) then lands on every job alike; each job's figure is the median of its repeats.
     trials = {name: [] for name in commands}
@@ -287,7 +290,7 @@ def compare(args) -> int:
         "pruned_checkpoints": outputs,
         "differences": DIFFERENCES,
         # What else the machine was doing, measured rather than asserted: CPU seconds are steadier than wall.
-        "load_average_1_5_15_min_at_start": load_at_start,
+        **machine,
         "command": " ".join(["python", *sys.argv]),
     }
     RESULTS.mkdir(exist_ok=True)

@@ -252,7 +252,8 @@ def _scale_records() -> tuple[dict, dict | None]:
 
 def _load(measured: dict) -> str:
     load = measured.get("load_average_1_5_15_min_at_start")
-    return f"load {load[0]:.1f}" if load else "load not recorded"
+    cpu = measured.get("cpu")
+    return (f"{cpu}, " if cpu else "") + (f"load {load[0]:.1f}" if load else "load not recorded")
 
 
 def scale_table() -> str:
@@ -285,8 +286,9 @@ def scale_table() -> str:
     lines += ["", f"A process that only imports what a pruning job imports peaks at "
               f"{scale['import_only_peak_rss_bytes'] / 1e9:.2f} GB. Commands: "
               + "; ".join(sorted({f"`{m['measured']['command']}`" for m in scale["models"].values() if 'measured' in m}))
-              + ". One CPU thread per job; the load average is the machine's at the start of each model's runs "
-              "(1.0 = another job on one of the 2 cores)."]
+              + ". One CPU thread per job; the load average is the machine's 1-minute average at the start of each "
+              "model's runs (1.0 = one core busy; it lags by about a minute, so right after the previous model's runs "
+              "it reads about 1.0 from those alone)."]
     if "torchrun" in scale:
         run = scale["torchrun"]
         lines += ["", f"`torchrun --nproc_per_node 2` ({run['backend']}) on the shipped model: clusters "
@@ -303,7 +305,8 @@ def lc_comparison(lc: dict) -> str:
     repeats = lc.get("repeats", 1)
     versions = lc["versions"]["llm_compressor_venv"]
     return (f"REAP at 25%, uniform, on the 6-layer model, the same calibration tokens, each job in its own process"
-            f" ({'median of ' + str(repeats) + ' runs each, in turn' if repeats > 1 else 'one run each'}; "
+            f" ({'median of ' + str(repeats) + ' runs each, in turn' if repeats > 1 else 'one run each'}"
+            f"{', on ' + lc['cpu'] if lc.get('cpu') else ''}; "
             f"`{lc['command']}`): optimum-grape {ours['wall_s']:.1f} s wall, {ours['cpu_s']:.1f} s CPU, peak "
             f"{ours['peak_rss_over_model']:.2f}x the model; llm-compressor {versions['llmcompressor']} (basic pipeline, "
             f"same experts kept: {'yes' if lc['same_experts_kept_as_optimum_grape']['llm_compressor'] else 'no'}) "

@@ -42,6 +42,9 @@ from pathlib import Path
 import torch
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from machine import machine_now  # noqa: E402
+
 CACHE = BENCH / "testbeds" / "cache"
 RESULTS = BENCH / "results"
 JOB = ["--ratio", "0.25", "--num-samples", "8", "--sequence-length", "128", "--batch-size", "4",
@@ -286,8 +289,7 @@ def main() -> int:
     for name in args.models:
         # What else the machine was doing when this model's runs began, measured rather than asserted;
         # models of one results file may come from different runs, so each says which.
-        started = {"command": command, "date": time.strftime("%Y-%m-%d"),
-                   "load_average_1_5_15_min_at_start": [round(x, 2) for x in os.getloadavg()]}
+        started = {"command": command, "date": time.strftime("%Y-%m-%d"), **machine_now()}
         record["models"][name] = {**measure_model(name, args.work, args.device), "measured": started}
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(record, indent=1) + "\n")  # after each model: a long run keeps what it measured
@@ -295,7 +297,7 @@ def main() -> int:
              m.get("identical_output", {}).get("plan_equal", True) for m in record["models"].values())
     if not args.no_torchrun and args.device == "cpu":
         record["torchrun"] = {**two_processes(args.work), "measured": {"command": command,
-                                                                        "date": time.strftime("%Y-%m-%d")}}
+                                                                        "date": time.strftime("%Y-%m-%d"), **machine_now()}}
         print(f"torchrun 2 processes: clusters equal to 1 process: {record['torchrun']['clusters_equal']}")
         ok = ok and record["torchrun"]["clusters_equal"]
         path.write_text(json.dumps(record, indent=1) + "\n")

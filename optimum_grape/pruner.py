@@ -186,7 +186,9 @@ class GrapePruner:
         """The plan for `stats`. When the method offers several candidates (GRAPE with
         entropy_tolerance='auto') and `model` is given, each is scored end to end on the calibration
         windows `calibrate` held aside and the closest to the unpruned model is kept; the model is
-        left unchanged. Without `model`, the method's fallback candidate (uniform for GRAPE) is used."""
+        left unchanged. Without `model`, the method's fallback candidate is used (for GRAPE: its global
+        allocation at the fixed entropy tolerance `methods.grape.UNSCORED_GAMMA`, with a warning that it
+        was not scored)."""
         start = time.perf_counter()
         with reused_alignments(self._alignments):
             plan = self.planner.plan(stats, model, self.selection_batches, self.selection_overlaps)

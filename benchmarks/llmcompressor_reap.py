@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine_now  # standard library only, like every import at the top here
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 CACHE = BENCH / "testbeds" / "cache"
@@ -243,9 +245,6 @@ def compare(args) -> int:
                                                         ids_path, work / "llm_compressor_sequential.json",
                                                         "sequential")}
     warm_page_cache(model)
-    sys.path.insert(0, str(BENCH))
-    from machine import machine_now
-
     machine = machine_now()
     # Round robin, not one job's repeats in a row: a slow spell of the machine (another process, the
     # page cache) then lands on every job alike; each job's figure is the median of its repeats.

@@ -42,8 +42,7 @@ def match_unit_neurons(reference: torch.Tensor, member: torch.Tensor, reference_
 
     score = reference @ member.T
     if reference_acts is not None and member_acts is not None:
-        centred = [x.double() - x.double().mean(dim=1, keepdim=True) for x in (reference_acts, member_acts)]
-        centred = [torch.nn.functional.normalize(x, dim=-1, out=x) for x in centred]
+        centred = [unit_rows_(x.double() - x.double().mean(dim=1, keepdim=True)) for x in (reference_acts, member_acts)]
         score = (score + centred[0] @ centred[1].T) / 2
     # maximize=True would negate a copy of the score; negating it here, in place, is the same problem.
     _, cols = linear_sum_assignment(score.neg_().cpu().numpy())

@@ -14,6 +14,7 @@ forward, so a streamed pass gives the full forward's values.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -26,23 +27,19 @@ from ..errors import UnsupportedModelError
 
 def forward_for_states(model: nn.Module, input_ids: torch.Tensor):
     """The model's forward on `input_ids` run for what happens inside its decoder (recording, capture),
-    not for its logits: the head computes the last position only (`logits_to_keep=1`, which every
-    transformers causal LM takes). A 32k-vocabulary head over every token is a third of a small
-    MoE's forward (Qwen3-MoE shaped, hidden 512) and calibration never reads those logits."""
+    not for its logits: the head computes the last position only (`logits_to_keep=1`, where the
+    model's forward takes it, as transformers' causal LMs do). A 32k-vocabulary head over every
+    token is a third of a small MoE's forward (Qwen3-MoE shaped, hidden 512), and calibration never
+    reads those logits."""
     kwargs = {"use_cache": False}
     if "logits_to_keep" in _forward_parameters(type(model)):
         kwargs["logits_to_keep"] = 1
     return model(input_ids=input_ids, **kwargs)
 
 
+@functools.cache
 def _forward_parameters(cls) -> frozenset[str]:
-    cached = _PARAMETERS.get(cls)
-    if cached is None:
-        cached = _PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
-    return cached
-
-
-_PARAMETERS: dict[type, frozenset[str]] = {}
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from transformers.utils.logging import tqdm  # honours disable_progress_bar() and HF_HUB_DISABLE_PROGRESS_BARS
@@ -245,27 +246,31 @@ class GrapePruner:
         loaded model. `plan` applies a saved plan; `stats` plans saved statistics without calibrating."""
         from transformers import AutoTokenizer
 
-        model = LayerwiseModel(path, trust_remote_code)
-        if tokenizer is None:
-            try:  # the checkpoint's own; token-id data needs none, text data says so when it is missing
-                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            except (OSError, ValueError):
-                tokenizer = None
-        if plan is None:
-            if stats is None:
-                stats = self.calibrate(model, data, tokenizer)
-                if save_stats:
-                    stats.save(save_stats)
+        # Converted layers are kept between passes beside the output, on the disk the user chose for it.
+        model = LayerwiseModel(path, trust_remote_code, scratch_parent=Path(output).expanduser().resolve().parent)
+        try:
+            if tokenizer is None:
+                try:  # the checkpoint's own; token-id data needs none, text data says so when it is missing
+                    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                except (OSError, ValueError):
+                    tokenizer = None
+            if plan is None:
+                if stats is None:
+                    stats = self.calibrate(model, data, tokenizer)
+                    if save_stats:
+                        stats.save(save_stats)
+                else:
+                    self.prepare_data(data, tokenizer, model.module)
+                plan = self.plan(stats, model)
             else:
                 self.prepare_data(data, tokenizer, model.module)
-            plan = self.plan(stats, model)
-        else:
-            self.prepare_data(data, tokenizer, model.module)
-            if check_model:
-                check_fingerprint(plan.model_fingerprint, None, {
-                    "model_type": model.config.model_type, "architecture": type(model.module).__name__,
-                    "router_sha256": model.router_fingerprint()})
-        return self.save_layerwise(model, plan, output, tokenizer, overwrite=overwrite, base_model=base_model)
+                if check_model:
+                    check_fingerprint(plan.model_fingerprint, None, {
+                        "model_type": model.config.model_type, "architecture": type(model.module).__name__,
+                        "router_sha256": model.router_fingerprint()})
+            return self.save_layerwise(model, plan, output, tokenizer, overwrite=overwrite, base_model=base_model)
+        finally:
+            model.close()  # the scratch copies, also when a step fails
 
     def save_layerwise(self, model, plan: PruningPlan, output, tokenizer=None, overwrite: bool = False,
                        base_model: str | None = None):

@@ -57,19 +57,7 @@ class CheckpointIndex:
     def read(self, key: str) -> torch.Tensor:
         """Tensor `key`, read from its file into memory of its own (see the module docstring)."""
         path = self.files[key]
-        start, header = self._header(path)
-        entry = header.get(key)
-        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
-            raise CheckpointError(f"Cannot read {key!r} from {path}: missing, or a dtype this reader does not know "
-                                  f"({entry.get('dtype') if isinstance(entry, dict) else None!r}).")
-        begin, end = entry["data_offsets"]
-        dtype = _DTYPES[entry["dtype"]]
-        out = torch.empty(end - begin, dtype=torch.uint8)
-        with open(path, "rb") as handle:
-            handle.seek(start + begin)
-            if handle.readinto(memoryview(out.numpy())) != end - begin:
-                raise CheckpointError(f"{path} is truncated: {key!r} needs bytes {begin}-{end} of its data.")
-        return out.view(dtype).reshape(entry["shape"])
+        return read_tensor(path, *self._header(path), key)
 
     def nbytes(self, key: str) -> int:
         """Bytes of tensor `key` on disk, from its file's header."""
@@ -79,13 +67,7 @@ class CheckpointIndex:
     def _header(self, path: Path) -> tuple[int, dict]:
         """(offset of the data section, header) of one safetensors file, parsed once."""
         if path not in self._headers:
-            try:
-                with open(path, "rb") as handle:
-                    (length,) = struct.unpack("<Q", handle.read(8))
-                    header = json.loads(handle.read(length))
-            except (OSError, ValueError, struct.error) as err:
-                raise CheckpointError(f"Cannot read weight file {path}: {err}.") from None
-            self._headers[path] = (8 + length, header)
+            self._headers[path] = read_header(path)
         return self._headers[path]
 
     def first_float_dtype(self):
@@ -125,8 +107,35 @@ class CheckpointIndex:
         return groups
 
 
+def read_header(path: Path) -> tuple[int, dict]:
+    """(offset of the data section, header) of a safetensors file."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as err:
+        raise CheckpointError(f"Cannot read weight file {path}: {err}.") from None
+    return 8 + length, header
+
+
+def read_tensor(path: Path, start: int, header: dict, key: str) -> torch.Tensor:
+    """Tensor `key` of the safetensors file `path` (data at `start`, `header` as `read_header` gives
+    them), read with a plain file read into memory of its own."""
+    entry = header.get(key)
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+        raise CheckpointError(f"Cannot read {key!r} from {path}: missing, or a dtype this reader does not know "
+                              f"({entry.get('dtype') if isinstance(entry, dict) else None!r}).")
+    begin, end = entry["data_offsets"]
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    with open(path, "rb") as handle:
+        handle.seek(start + begin)
+        if handle.readinto(memoryview(out.numpy())) != end - begin:
+            raise CheckpointError(f"{path} is truncated: {key!r} needs bytes {begin}-{end} of its data.")
+    return out.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
 # safetensors dtype names -> torch dtypes (the format's full list that torch can hold).
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}

@@ -12,9 +12,11 @@ over the decoder layers, loading a layer from disk, using it and freeing it:
   its already-merged predecessors produced), written as a shard and freed.
 
 Only the non-layer weights (embeddings, final norm, head), one decoder layer and the cached hidden
-states of the calibration batches are in memory at a time. Every layer runs the same operations on
-the same inputs as inside the full forward, so the statistics, the plan and the weights are those of
-the in-memory path.
+states of the calibration batches are in memory at a time. Given a scratch folder with room, each
+layer is converted from the checkpoint's layout once and read back from a scratch copy by the later
+passes (`scratch.py`); writing deletes each copy as it reads it for the last time. Every layer runs
+the same operations on the same inputs as inside the full forward, so the statistics, the plan and
+the weights are those of the in-memory path.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ logger = logging.getLogger("optimum_grape")
 
 
 class LayerwiseModel:
-    def __init__(self, folder, trust_remote_code: bool = False) -> None:
-        self.skeleton = Skeleton(folder, trust_remote_code)
+    def __init__(self, folder, trust_remote_code: bool = False, scratch_parent=None) -> None:
+        """`scratch_parent`: a folder to keep the converted layers in between passes, when its disk has
+        room (`LayerScratch.if_room`); None converts every layer on every load."""
+        self.skeleton = Skeleton(folder, trust_remote_code, scratch_parent=scratch_parent)
         self.module = self.skeleton.model  # what adapters, configs and fingerprints read
         self.config = self.module.config
         self.layers = self.skeleton.layers
@@ -51,12 +55,16 @@ class LayerwiseModel:
         adapter, layers = find_moe_layers(self.module, verify=False)
         return adapter, {layer.index: layer for layer in layers}
 
-    def _layer_loop(self, order, verifier):
+    def _layer_loop(self, order, verifier, last: bool = False):
         """Load each decoder layer in `order` (then the MoE layers the forward never reached), yield its
-        index while it is in memory (after the verifier has checked it), free it."""
+        index while it is in memory (after the verifier has checked it), free it. `last`: no pass
+        follows, so each layer's scratch copy is deleted once it is loaded."""
         never_run = [i for i in self._moe()[1] if i not in order]
+        scratch = self.skeleton.scratch
         for i in [*order, *never_run]:
             self.skeleton.load(i)
+            if last and scratch is not None:
+                scratch.drop(i)
             self.peak_layer_bytes = max(self.peak_layer_bytes, sum(p.numel() * p.element_size()
                                                                    for p in self.layers[i].parameters()))
             try:
@@ -131,7 +139,7 @@ class LayerwiseModel:
         order = captured.order if captured is not None else list(range(len(self.layers)))
         written = set()
         for i in self._layer_loop(order + [j for j in range(len(self.layers)) if j not in order],
-                                  self._verifier(adapter, moe)):
+                                  self._verifier(adapter, moe), last=True):
             if i in plan.clusters:
                 part = plan.restricted_to([i])
                 apply_clusters(self.module, part, merger=merger, found=found)
@@ -150,12 +158,18 @@ class LayerwiseModel:
             {id(b) for layer in self.layers for b in layer.buffers()}
         writer.write_part({k: v for k, v in self.module.state_dict(keep_vars=True).items() if id(v) not in inside})
         writer.finish()
+        self.close()
         if plan.metadata["routing_overrides"]:
             logger.warning("%d layer(s) keep expert counts their grouped router cannot split: routing there falls back "
                            "as recorded in the plan, config and model card.", len(plan.metadata["routing_overrides"]))
         record_layout(self.module, adapter, plan, pruning_config)
         write_config(self.module, folder, self.skeleton.dtype)
         logger.info("Applied plan layer by layer. %s", plan.summary())
+
+
+    def close(self) -> None:
+        """Delete the scratch copies of the converted layers (also done at interpreter exit)."""
+        self.skeleton.close()
 
 
 def apply_clusters_check(model: LayerwiseModel, plan, found) -> None:

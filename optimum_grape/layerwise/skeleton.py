@@ -5,6 +5,8 @@ Built as `from_pretrained` builds a model (same class, config and dtype, buffers
 frequencies computed for real), and loaded through transformers' own key conversion
 (`convert_and_load_state_dict_in_model`), so a materialised part holds exactly the tensors
 `from_pretrained` would give it. `release` moves a part back to the meta device, freeing its memory.
+With a `LayerScratch`, a decoder layer is converted on its first load only and read back from the
+scratch copy afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..adapters.alignment import SOURCE_ATTRIBUTE
 from ..calibration.stream import decoder_layers
 from ..runtime.memory import return_free_memory
 from .checkpoint_index import CheckpointIndex
+from .scratch import LayerScratch
 
 logger = logging.getLogger("optimum_grape")
 REST = None  # the group of everything outside the decoder layers
@@ -46,7 +49,7 @@ def _apply_pruned_layout(model, config) -> None:
 class Skeleton:
     """The meta-device model of a checkpoint folder and its parts, loadable one at a time."""
 
-    def __init__(self, folder, trust_remote_code: bool = False, model_class=None) -> None:
+    def __init__(self, folder, trust_remote_code: bool = False, model_class=None, scratch_parent=None) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -54,6 +57,9 @@ class Skeleton:
 
         self.folder = folder
         self.index = CheckpointIndex(folder)
+        # Converted layers kept between loads under `scratch_parent` where its disk has room; None: every
+        # load converts the checkpoint's tensors again.
+        self.scratch = LayerScratch.if_room(scratch_parent, self.index.size_bytes()) if scratch_parent else None
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
@@ -102,7 +108,18 @@ class Skeleton:
 
     # -- loading and freeing --------------------------------------------------------------------
     def load(self, group: int | None) -> None:
-        """Materialise decoder layer `group` (or REST: everything else) from the checkpoint."""
+        """Materialise decoder layer `group` (or REST: everything else) from the checkpoint, or from the
+        scratch copy of its first load."""
+        if group is REST or self.scratch is None or not self.scratch.restore(group, self.layers[group]):
+            self._convert(group)
+            if group is not REST and self.scratch is not None:
+                self.scratch.store(group, self.layers[group])
+        module = self.part(group)
+        for name, param in self._own_parameters(module, group):  # lets planning reuse neuron matches
+            setattr(param, SOURCE_ATTRIBUTE, (str(self.folder), group, name))
+
+    def _convert(self, group: int | None) -> None:
+        """Load a part through transformers' key conversion, as `from_pretrained` would."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -127,8 +144,6 @@ class Skeleton:
             self.model.tie_weights()
         return_free_memory()  # the checkpoint's per-expert tensors, stacked into fused ones and freed
         module = self.part(group)
-        for name, param in self._own_parameters(module, group):  # lets planning reuse neuron matches
-            setattr(param, SOURCE_ATTRIBUTE, (str(self.folder), group, name))
         still = [n for n, p in self._own_parameters(module, group) if p.is_meta]
         if still and mismatched:
             raise UnsupportedModelError(
@@ -151,6 +166,12 @@ class Skeleton:
                     owner._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
                                                            requires_grad=param.requires_grad)
         return_free_memory()
+
+    def close(self) -> None:
+        """Delete the scratch copies (the scratch folder also goes at interpreter exit)."""
+        if self.scratch is not None:
+            self.scratch.close()
+            self.scratch = None
 
     def part(self, group: int | None) -> nn.Module:
         return self.model if group is REST else self.layers[group]

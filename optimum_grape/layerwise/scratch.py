@@ -1,0 +1,168 @@
+"""Decoder layers kept on scratch disk in the form the model holds them, so that only the first pass
+over a checkpoint converts them.
+
+A layer-by-layer job passes over the decoder layers several times (calibration, scoring the
+candidate plans, writing), and a checkpoint's layer is not stored as the model holds it: Mixtral's
+or Qwen3-MoE's experts are one tensor per expert and projection, which transformers renames, stacks
+and concatenates into fused tensors on every load. On the fine-grained benchmark model (128 experts,
+8 layers) that conversion is 6.5 s of every pass, against about 1 s to read the same bytes. So the
+first load of a layer writes its converted tensors (its `state_dict`: parameters and persistent
+buffers) to one safetensors file here, and later loads map them back: the same bytes, dtypes and
+shapes, so the same model to the bit.
+
+The scratch costs disk the size of the model's decoder layers: it is made only where the disk keeps
+room for it and for the pruned checkpoint as well, and deleted as the last pass reads each layer and
+when the job ends. A layer whose tensors safetensors cannot hold as they are (a tensor subclass, a
+non-contiguous or shared tensor) is simply converted again on every load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint_index import DTYPES, read_header
+
+logger = logging.getLogger("optimum_grape")
+
+ALIGNMENT = 64  # bytes: where torch's CPU allocator starts every tensor
+PADDING = "__alignment_padding__."
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# Free disk a scratch leaves besides itself: the pruned checkpoint (at most the model's size) plus slack.
+HEADROOM = 1.1
+
+
+class LayerScratch:
+    """Converted decoder layers, one safetensors file each, in a temporary folder under `parent`."""
+
+    def __init__(self, parent: Path) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix=".grape-layers-", dir=parent,
+                                                    ignore_cleanup_errors=True)  # removed at exit too
+        self.path = Path(self._folder.name)
+        self._stored: set[int] = set()
+
+    @classmethod
+    def if_room(cls, parent, model_bytes: int) -> LayerScratch | None:
+        """A scratch under `parent` when its disk has room for the model twice over (the scratch and the
+        pruned checkpoint), else None: the job then converts every layer on every load, as it can."""
+        parent = Path(parent)
+        while not parent.is_dir() and parent != parent.parent:  # the output's folder may not exist yet
+            parent = parent.parent
+        try:
+            free = shutil.disk_usage(parent).free
+            if free >= (1 + HEADROOM) * model_bytes:
+                return cls(parent)
+        except OSError as err:  # unreadable or read-only: the job runs without a scratch
+            logger.info("No scratch copy of the converted layers under %s (%s); every pass converts the "
+                        "checkpoint's layers again.", parent, err)
+            return None
+        logger.info("No scratch copy of the converted layers: %s has %.2f GB free, under the %.2f GB the copy and "
+                    "the pruned checkpoint need; every pass converts the checkpoint's layers again.",
+                    parent, free / 1e9, (1 + HEADROOM) * model_bytes / 1e9)
+        return None
+
+    def _file(self, index: int) -> Path:
+        return self.path / f"layer-{index:05d}.safetensors"
+
+    def store(self, index: int, layer: nn.Module) -> bool:
+        """Write a just-converted layer's tensors; False (nothing written) when they cannot be read back
+        exactly as they are."""
+        state = layer.state_dict()
+        if not _storable(state):
+            return False
+        write_aligned(state, self._file(index))
+        self._stored.add(index)
+        return True
+
+    def restore(self, index: int, layer: nn.Module) -> bool:
+        """Give `layer` the tensors stored for it (parameters on the meta device replaced, buffers set);
+        False when none are stored. The tensors are mapped from the copy, not read into fresh memory:
+        its pages are in the page cache from the write, so mapping them is a page-table update where a
+        read would copy every byte; each layer has a file of its own, so the mapping goes with the
+        layer's tensors when `Skeleton.release` drops them. The mapping is private (copy on write):
+        changing a tensor in place never reaches the file."""
+        if index not in self._stored:
+            return False
+        path = self._file(index)
+        start, header = read_header(path)
+        with open(path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        for name, entry in header.items():
+            if name == "__metadata__" or name.startswith(PADDING):
+                continue
+            begin, end = entry["data_offsets"]
+            dtype = DTYPES[entry["dtype"]]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            tensor = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // itemsize, offset=start + begin) \
+                if end > begin else torch.empty(0, dtype=dtype)
+            tensor = tensor.reshape(entry["shape"])
+            owner_name, _, leaf = name.rpartition(".")
+            owner = layer.get_submodule(owner_name)
+            if leaf in owner._parameters:
+                old = owner._parameters[leaf]
+                owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+            else:
+                owner._buffers[leaf] = tensor
+        return True
+
+    def drop(self, index: int) -> None:
+        """Delete a layer's copy once no later pass reads it."""
+        if index in self._stored:
+            self._stored.discard(index)
+            try:
+                self._file(index).unlink(missing_ok=True)
+            except OSError:  # still mapped where that forbids deleting (Windows): `close` retries
+                pass
+
+    def close(self) -> None:
+        self._stored.clear()
+        self._folder.cleanup()
+
+
+def write_aligned(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file of `state` whose every tensor starts ALIGNMENT bytes into a page-aligned
+    mapping of it. Why: MKL's float32 matmuls can change in the last bit with the alignment of their
+    operands, and torch allocates at 64-byte boundaries; a mapped tensor at another alignment gave
+    statistics 1e-7 away from the converted layer's. The format allows no holes in its data, so the
+    gaps are named uint8 tensors (PADDING...), and the header is padded with spaces, as it allows."""
+    entries, offset, order = {}, 0, []
+    for name, tensor in state.items():
+        gap = -offset % ALIGNMENT
+        if gap:
+            entries[f"{PADDING}{len(entries)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            order.append(bytes(gap))
+            offset += gap
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + size]}
+        order.append(tensor)
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % ALIGNMENT)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        for part in order:
+            handle.write(part if isinstance(part, bytes) else memoryview(part.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _storable(state: dict[str, torch.Tensor]) -> bool:
+    """Every tensor a plain, contiguous, dense one on the CPU, none sharing memory with another: what
+    a safetensors file gives back unchanged, strides included."""
+    seen = set()
+    for tensor in state.values():
+        if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.device.type != "cpu" \
+                or tensor.layout != torch.strided or not tensor.is_contiguous() or tensor.dtype not in DTYPE_NAMES:
+            return False
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen and tensor.numel():
+            return False
+        seen.add(pointer)
+    return True

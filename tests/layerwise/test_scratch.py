@@ -1,0 +1,97 @@
+"""The scratch copy of converted decoder layers (layerwise/scratch.py): each layer is converted from
+the checkpoint once, later passes read the copy back to the bit, the copy needs room on disk, and it
+is gone when the job ends or fails."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from optimum_grape import GrapeConfig, GrapePruner
+from optimum_grape.layerwise.scratch import LayerScratch, _storable
+from optimum_grape.layerwise.skeleton import Skeleton
+
+from .test_model import FAMILIES, SMALL, assert_same_checkpoint, tiny_base
+
+
+def _count_conversions(monkeypatch) -> list:
+    converted = []
+    convert = Skeleton._convert
+
+    def counting(self, group):
+        converted.append(group)
+        convert(self, group)
+
+    monkeypatch.setattr(Skeleton, "_convert", counting)
+    return converted
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_each_layer_is_converted_once_and_the_job_writes_what_it_writes_without_the_copy(model_type, tmp_path,
+                                                                                          monkeypatch):
+    tiny_base(model_type, tmp_path / "base")
+    data = list(torch.randint(0, 90, (6, 16), generator=torch.Generator().manual_seed(0)))
+    config = GrapeConfig(**SMALL, layer_by_layer=True)
+    converted = _count_conversions(monkeypatch)
+    GrapePruner(config).prune_checkpoint(tmp_path / "base", tmp_path / "out" / "with", data)
+    layers = [g for g in converted if g is not None]
+    assert layers and len(layers) == len(set(layers))  # several passes, one conversion per layer
+    assert not list((tmp_path / "out").glob(".grape-layers-*"))  # the copy is gone
+
+    monkeypatch.setattr(LayerScratch, "if_room", classmethod(lambda cls, parent, size: None))
+    converted.clear()
+    GrapePruner(config).prune_checkpoint(tmp_path / "base", tmp_path / "out" / "without", data)
+    assert len([g for g in converted if g is not None]) > len(layers)  # every pass converts again
+    assert_same_checkpoint(tmp_path / "out" / "with", tmp_path / "out" / "without")
+
+
+def test_a_layer_read_back_is_the_converted_layer_to_the_bit(tmp_path):
+    tiny_base("deepseek_v3", tmp_path / "base")  # a correction-bias buffer besides the parameters
+    skeleton = Skeleton(tmp_path / "base", scratch_parent=tmp_path)
+    layer = skeleton.layers[1]
+    skeleton.load(1)
+    converted = {k: v.clone() for k, v in layer.state_dict().items()}
+    strides = {k: v.stride() for k, v in layer.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in layer.named_parameters()}
+    skeleton.release(1)
+    assert all(p.is_meta for p in layer.parameters())
+    for buffer in layer.buffers():
+        buffer.zero_()  # a pass that changed a buffer: the copy restores what the checkpoint gave
+    skeleton.load(1)
+    again = layer.state_dict()
+    assert set(again) == set(converted)
+    for key, tensor in converted.items():
+        assert again[key].dtype == tensor.dtype and again[key].stride() == strides[key] and torch.equal(again[key], tensor)
+    assert {n: p.requires_grad for n, p in layer.named_parameters()} == grads
+    skeleton.close()
+    assert not list(tmp_path.glob(".grape-layers-*"))
+
+
+def test_no_copy_where_the_disk_lacks_room(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="optimum_grape"):
+        assert LayerScratch.if_room(tmp_path / "not" / "yet", 10**18) is None
+    assert "GB free" in caplog.text and "converts the checkpoint's layers again" in caplog.text
+    scratch = LayerScratch.if_room(tmp_path / "not" / "yet", 1)  # the nearest folder that exists holds it
+    assert scratch is not None and scratch.path.parent == tmp_path
+    scratch.close()
+    assert not scratch.path.exists()
+
+
+def test_a_layer_safetensors_cannot_give_back_as_it_is_is_converted_again():
+    weight = torch.randn(4, 6)
+    assert _storable({"a": weight, "b": torch.zeros(3)})
+    assert not _storable({"a": weight.t()})  # read back contiguous: other strides
+    assert not _storable({"a": weight, "b": weight})  # shared: read back as two tensors
+    assert not _storable({"a": torch.empty(2, device="meta")})
+
+
+def test_the_copy_is_removed_when_the_job_fails(base_folder, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("planning failed")
+
+    monkeypatch.setattr(GrapePruner, "plan", fail)
+    with pytest.raises(RuntimeError, match="planning failed"):
+        GrapePruner(GrapeConfig(**SMALL, layer_by_layer=True)).prune_checkpoint(base_folder, tmp_path / "out")
+    assert not list(tmp_path.glob(".grape-layers-*"))

@@ -137,7 +137,9 @@ class GrapeConfig(QuantizationConfigMixin):
         default=False,
         metadata={"help": "Prune a checkpoint from disk without loading it whole: one decoder layer in memory at a "
                   "time, the pruned checkpoint written as the layers stream (GrapePruner.prune_checkpoint; CLI "
-                  "--layer-by-layer). Same plan and weights as the in-memory path."},
+                  "--layer-by-layer). Same plan and weights as the in-memory path. Where the output's disk has "
+                  "room for the model twice, each layer is converted once and kept in a scratch copy beside the "
+                  "output between passes (deleted as the job ends)."},
     )
     router: str | None = field(
         default=None,

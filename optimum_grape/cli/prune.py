@@ -98,7 +98,8 @@ def add_arguments(prune: argparse.ArgumentParser) -> None:
     prune.add_argument("--layer-by-layer", action="store_true",
                        help="never load BASE whole: read, calibrate, merge and write one decoder layer at a time from "
                             "its safetensors shards (same plan and weights as in memory; peak memory about one layer "
-                            "plus the embeddings)")
+                            "plus the embeddings; with disk free for the model twice beside --output, converted layers "
+                            "are kept there between passes, which is faster)")
     prune.add_argument("--device", default=None, help="run the in-memory job on this device (cpu, cuda, cuda:N); under "
                                                       "torchrun 'cuda' is each process's own GPU")
     prune.add_argument("--device-map", default=None, help="let accelerate place the model (e.g. 'auto')")

@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from .checkpoint_index import DTYPES, read_header
 
 logger = logging.getLogger("optimum_grape")
 
-ALIGNMENT = 64  # bytes: where torch's CPU allocator starts every tensor
+ALIGNMENT = max(mmap.ALLOCATIONGRANULARITY, 64)  # a page: mappable alone, and torch's own 64-byte alignment
 PADDING = "__alignment_padding__."
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # Free disk a scratch leaves besides itself: the pruned checkpoint (at most the model's size) plus slack.
@@ -48,6 +49,7 @@ class LayerScratch:
                                                     ignore_cleanup_errors=True)  # removed at exit too
         self.path = Path(self._folder.name)
         self._stored: set[int] = set()
+        self._full = False
 
     @classmethod
     def if_room(cls, parent, model_bytes: int) -> LayerScratch | None:
@@ -76,41 +78,46 @@ class LayerScratch:
         """Write a just-converted layer's tensors; False (nothing written) when they cannot be read back
         exactly as they are."""
         state = layer.state_dict()
-        if not _storable(state):
+        if self._full or not _storable(state):
             return False
-        write_aligned(state, self._file(index))
+        try:
+            write_aligned(state, self._file(index))
+        except OSError as err:  # the disk filled up since the job started: go on converting
+            self._file(index).unlink(missing_ok=True)
+            self._full = True
+            logger.warning("Could not write the scratch copy of decoder layer %d (%s); the remaining layers are "
+                           "converted on every load.", index, err)
+            return False
         self._stored.add(index)
         return True
 
     def restore(self, index: int, layer: nn.Module) -> bool:
         """Give `layer` the tensors stored for it (parameters on the meta device replaced, buffers set);
-        False when none are stored. The tensors are mapped from the copy, not read into fresh memory:
+        False when none are stored. The parameters are mapped from the copy, not read into fresh memory:
         its pages are in the page cache from the write, so mapping them is a page-table update where a
-        read would copy every byte; each layer has a file of its own, so the mapping goes with the
-        layer's tensors when `Skeleton.release` drops them. The mapping is private (copy on write):
-        changing a tensor in place never reaches the file."""
+        read would copy every byte. Each tensor has a mapping of its own, which goes with the tensor
+        (a merge that replaces one expert tensor frees the old one's pages at once, as it would free
+        memory of its own). The mappings are private (copy on write): changing a tensor in place never
+        reaches the file."""
         if index not in self._stored:
             return False
         path = self._file(index)
-        start, header = read_header(path)
-        with open(path, "rb") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        for name, entry in header.items():
-            if name == "__metadata__" or name.startswith(PADDING):
-                continue
-            begin, end = entry["data_offsets"]
-            dtype = DTYPES[entry["dtype"]]
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            tensor = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // itemsize, offset=start + begin) \
-                if end > begin else torch.empty(0, dtype=dtype)
-            tensor = tensor.reshape(entry["shape"])
+        try:
+            start, header = read_header(path)
+            tensors = {name: _mapped(path, start + entry["data_offsets"][0], entry)
+                       for name, entry in header.items() if name != "__metadata__" and not name.startswith(PADDING)}
+        except (OSError, ValueError, KeyError, CheckpointError) as err:  # the copy went missing or bad: convert again
+            logger.warning("Cannot read the scratch copy of decoder layer %d (%s); converting it again.", index, err)
+            self._stored.discard(index)
+            return False
+        for name, tensor in tensors.items():
             owner_name, _, leaf = name.rpartition(".")
             owner = layer.get_submodule(owner_name)
             if leaf in owner._parameters:
                 old = owner._parameters[leaf]
                 owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
-            else:
-                owner._buffers[leaf] = tensor
+            else:  # buffers outlive `release`: memory of their own, no mapping kept alive by one
+                owner._buffers[leaf] = tensor.clone()
         return True
 
     def drop(self, index: int) -> None:
@@ -128,10 +135,11 @@ class LayerScratch:
 
 
 def write_aligned(state: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file of `state` whose every tensor starts ALIGNMENT bytes into a page-aligned
-    mapping of it. Why: MKL's float32 matmuls can change in the last bit with the alignment of their
-    operands, and torch allocates at 64-byte boundaries; a mapped tensor at another alignment gave
-    statistics 1e-7 away from the converted layer's. The format allows no holes in its data, so the
+    """A safetensors file of `state` whose every tensor starts at a multiple of ALIGNMENT bytes: each
+    can be mapped on its own (mappings start at page boundaries), and mapped tensors are aligned as
+    torch aligns the tensors it allocates, which matters because MKL's float32 matmuls can change in
+    the last bit with the alignment of their operands (tensors mapped at 8-byte alignment gave
+    statistics 1e-7 away from the converted layer's). The format allows no holes in its data, so the
     gaps are named uint8 tensors (PADDING...), and the header is padded with spaces, as it allows."""
     entries, offset, order = {}, 0, []
     for name, tensor in state.items():
@@ -151,6 +159,16 @@ def write_aligned(state: dict[str, torch.Tensor], path: Path) -> None:
         handle.write(struct.pack("<Q", len(header)) + header)
         for part in order:
             handle.write(part if isinstance(part, bytes) else memoryview(part.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _mapped(path: Path, offset: int, entry: dict) -> torch.Tensor:
+    """The tensor at `offset` of `path` (page-aligned, as `write_aligned` places it), mapped privately."""
+    dtype, (begin, end) = DTYPES[entry["dtype"]], entry["data_offsets"]
+    if end == begin:
+        return torch.empty(entry["shape"], dtype=dtype)
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), end - begin, access=mmap.ACCESS_COPY, offset=offset)
+    return torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize).reshape(entry["shape"])
 
 
 def _storable(state: dict[str, torch.Tensor]) -> bool:

@@ -95,3 +95,31 @@ def test_the_copy_is_removed_when_the_job_fails(base_folder, tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="planning failed"):
         GrapePruner(GrapeConfig(**SMALL, layer_by_layer=True)).prune_checkpoint(base_folder, tmp_path / "out")
     assert not list(tmp_path.glob(".grape-layers-*"))
+
+
+def test_a_disk_that_fills_up_during_the_job_only_slows_it(base_folder, tmp_path, monkeypatch, caplog):
+    import errno
+
+    from optimum_grape.layerwise import scratch
+
+    written = []
+    write = scratch.write_aligned
+
+    def fill_after_one(state, path):
+        if written:
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        write(state, path)
+
+    monkeypatch.setattr(scratch, "write_aligned", fill_after_one)
+    converted = _count_conversions(monkeypatch)
+    config = GrapeConfig(**SMALL, layer_by_layer=True)
+    with caplog.at_level(logging.WARNING, logger="optimum_grape"):
+        GrapePruner(config).prune_checkpoint(base_folder, tmp_path / "out" / "full")
+    assert "No space left on device" in caplog.text
+    layers = [g for g in converted if g is not None]
+    assert layers.count(0) == 1 and layers.count(1) > 1  # the first layer's copy is used, the rest convert
+    monkeypatch.setattr(LayerScratch, "if_room", classmethod(lambda cls, parent, size: None))
+    GrapePruner(config).prune_checkpoint(base_folder, tmp_path / "out" / "none")
+    assert_same_checkpoint(tmp_path / "out" / "full", tmp_path / "out" / "none")

@@ -9,8 +9,10 @@ experts per layer (and each layer's redundancy, when the plan measured it) is sa
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -190,18 +192,18 @@ def _score(value) -> str:
 
 def save_plot(plan: PruningPlan, path: Path) -> bool:
     """Bars: experts before and after per layer; line: each layer's redundancy when the plan has it.
-    Needs matplotlib (`pip install optimum-grape[plots]`); without it the card has no picture."""
+    Needs matplotlib (`pip install optimum-grape[plots]`); without it the card has no picture. Drawn
+    on a Figure of its own, not through pyplot: no global state, so it can run on a thread
+    (`plot_ahead`) and never switches the backend of the user's process."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         logger.warning("matplotlib is not installed: the model card has no experts-per-layer plot "
                        "(pip install optimum-grape[plots]).")
         return False
     layers = sorted(plan.clusters)
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * len(layers) + 2), 3.6), dpi=100)
+    fig = Figure(figsize=(max(4.5, 0.35 * len(layers) + 2), 3.6), dpi=100)
+    ax = fig.subplots()
     ax.bar(layers, [plan.num_experts_before[l] for l in layers], color="#d9d9d9", label="before")
     ax.bar(layers, [plan.experts_per_layer[l] for l in layers], color="#3b75af", label="after")
     ax.set_xlabel("decoder layer")
@@ -219,8 +221,47 @@ def save_plot(plan: PruningPlan, path: Path) -> bool:
     ax.set_title(f"{plan.method}: experts kept per layer")
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
     return True
+
+
+# Plots being drawn on a thread while the weights are written: path -> (what the plot shows, result).
+_PLOTS_AHEAD: dict[Path, tuple[str, Future]] = {}
+
+
+def _plotted(plan: PruningPlan) -> str:
+    """Everything of `plan` that `save_plot` draws, as one string."""
+    return json.dumps([plan.method, sorted(plan.clusters), {str(k): v for k, v in plan.num_experts_before.items()},
+                       {str(k): v for k, v in plan.experts_per_layer.items()},
+                       plan.metadata.get("layer_redundancy") or {}], sort_keys=True, default=str)
+
+
+def plot_ahead(plan: PruningPlan, folder) -> Future:
+    """Start drawing the card's plot of `plan` into `folder` on a thread; the card takes it when it is
+    rendered, if the plan it reads draws the same. Why: drawing (importing matplotlib, rendering) took
+    about a second of a 24 s pruning job, and it needs only the plan, which is final before the
+    weights are written, which spend most of their time outside the interpreter."""
+    path = Path(folder) / PLOT_FILE
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grape-plot")
+    future = pool.submit(save_plot, plan, path)
+    pool.shutdown(wait=False)
+    _PLOTS_AHEAD[path] = (_plotted(plan), future)
+    return future
+
+
+def wait_for_plot(folder) -> None:
+    """Let a plot started by `plot_ahead` finish (before its folder is deleted), ignoring its result."""
+    ahead = _PLOTS_AHEAD.pop(Path(folder) / PLOT_FILE, None)
+    if ahead is not None:
+        concurrent.futures.wait([ahead[1]])
+
+
+def _plot(plan: PruningPlan, path: Path) -> bool:
+    ahead = _PLOTS_AHEAD.pop(path, None)
+    if ahead is not None:
+        drawn = ahead[1].result()
+        if ahead[0] == _plotted(plan):
+            return drawn
+    return save_plot(plan, path)
 
 
 def render_model_card(folder, repo_or_path: str | None = None) -> str:
@@ -241,7 +282,7 @@ def render_model_card(folder, repo_or_path: str | None = None) -> str:
     variables = {
         "title": plain(f"{config.get('model_type', 'MoE')} with experts pruned by optimum-grape"),
         "plan": _plan_vars(plan, config) if plan else None,
-        "plot": PLOT_FILE if plan and save_plot(plan, folder / PLOT_FILE) else None,
+        "plot": PLOT_FILE if plan and _plot(plan, folder / PLOT_FILE) else None,
         "license": code((inputs.get("license") or {}).get("license") or "") or None,
         "dataset": code(quant.get("dataset") or "optimum-grape shipped calibration text"),
         "perplexity": [{"name": plain(n), "before": f"{v['before']:.3f}", "after": f"{v['after']:.3f}",

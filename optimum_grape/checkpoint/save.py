@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .card import base_license, set_repo_id, write_inputs, write_model_card
+from .card import base_license, plot_ahead, set_repo_id, wait_for_plot, write_inputs, write_model_card
 from .destinations import check_destination
 from .staging import make_staging_folder, staging_path
 from ..errors import CheckpointError
@@ -29,6 +29,16 @@ def write_folder(model, folder: Path, tokenizer=None, plan: PruningPlan | None =
                  base_model: str | None = None, write_model=None) -> None:
     """`write_model(folder)` writes weights and config instead of `model.save_pretrained` (layer-by-layer
     mode streams them; `plan` is read after it, since applying the plan as it streams completes it)."""
+    if write_model is None and plan is not None:  # a streamed write completes its plan; this one is final
+        plot_ahead(plan, folder)  # the card's plot, drawn while the weights are written
+    try:
+        _write_folder(model, folder, tokenizer, plan, evaluation, base_model, write_model)
+    except BaseException:
+        wait_for_plot(folder)  # before the caller removes the folder
+        raise
+
+
+def _write_folder(model, folder: Path, tokenizer, plan, evaluation, base_model, write_model) -> None:
     from ..adapters import get_adapter
 
     if write_model is not None:

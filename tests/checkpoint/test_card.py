@@ -80,3 +80,20 @@ def test_text_from_a_shared_plan_cannot_add_html_links_or_rows_to_the_card(tmp_p
     assert "base_model" not in text.split("---", 2)[1]  # not a repository id: left out of the metadata
     assert body.count("```") % 2 == 0  # every code fence is closed where the template closes it
     assert 'from_pretrained("x\\") ; import os ; os.system(\\"echo \\u0060\\u0060\\u0060")' in body
+
+
+def test_a_plot_drawn_ahead_is_the_plot_the_card_would_draw_and_a_stale_one_is_redrawn(tmp_path):
+    from optimum_grape.checkpoint.card import plot_ahead
+
+    metadata = {"layer_redundancy": {"0": 0.1, "1": 0.7}}
+    in_place = write_folder(tmp_path / "in_place", metadata)
+    write_model_card(in_place)
+    ahead = write_folder(tmp_path / "ahead", metadata)
+    plot_ahead(PruningPlan.from_json((ahead / "grape_plan.json").read_text()), ahead)
+    write_model_card(ahead)
+    assert (ahead / PLOT_FILE).read_bytes() == (in_place / PLOT_FILE).read_bytes()
+    stale = write_folder(tmp_path / "stale", metadata)
+    plot_ahead(PruningPlan(clusters={0: [[0], [1], [2], [3]], 1: [[0], [1], [2], [3]]}, num_experts_before={0: 4, 1: 4}),
+               stale)  # not the plan the folder holds
+    write_model_card(stale)
+    assert (stale / PLOT_FILE).read_bytes() == (in_place / PLOT_FILE).read_bytes()

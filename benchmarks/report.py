@@ -312,7 +312,23 @@ def lc_comparison(lc: dict) -> str:
             f"same experts kept: {'yes' if lc['same_experts_kept_as_optimum_grape']['llm_compressor'] else 'no'}) "
             f"{theirs['wall_s']:.1f} s, {theirs['cpu_s']:.1f} s CPU, {theirs['peak_rss_over_model']:.2f}x: "
             f"{ratio['wall_s']:.2f}x their wall time, {ratio['cpu_s']:.2f}x their CPU time, "
-            f"{ratio['peak_rss_bytes']:.2f}x their peak memory.")
+            f"{ratio['peak_rss_bytes']:.2f}x their peak memory.{_sequential(lc)}")
+
+
+def _sequential(lc: dict) -> str:
+    """llm-compressor's default pipeline for REAP, which calibrates other statistics (results file's
+    `differences`), timed beside the basic one."""
+    seq = lc["results"].get("llm_compressor_sequential")
+    if seq is None:
+        return ""
+    ratio = lc["ratio_optimum_grape_over"]["llm_compressor_sequential"]
+    same = lc["same_experts_kept_as_optimum_grape"].get("llm_compressor_sequential")
+    trials = lambda name: ", ".join(f"{t['wall_s']:.1f}" for t in lc["results"][name].get("trials", []))  # noqa: E731
+    return (f" llm-compressor's sequential pipeline, its default for REAP (same experts kept: "
+            f"{'yes' if same else 'no'}), took {seq['wall_s']:.1f} s, {seq['peak_rss_over_model']:.2f}x: optimum-grape "
+            f"takes {ratio['wall_s']:.2f}x its wall time and {ratio['peak_rss_bytes']:.2f}x its peak memory. Wall seconds of each run: optimum-grape "
+            f"{trials('optimum_grape')}; basic {trials('llm_compressor')}; sequential "
+            f"{trials('llm_compressor_sequential')}.")
 
 
 def scale_summary() -> str:

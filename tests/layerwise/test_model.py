@@ -42,6 +42,20 @@ def assert_same_checkpoint(a, b):
     assert layout(config_a) == layout(config_b)
 
 
+def count_conversions(monkeypatch) -> list:
+    """The parts `Skeleton` converts from the checkpoint (None: the non-layer part), in order."""
+    from optimum_grape.layerwise.skeleton import Skeleton
+
+    converted, convert = [], Skeleton._convert
+
+    def counting(self, group):
+        converted.append(group)
+        convert(self, group)
+
+    monkeypatch.setattr(Skeleton, "_convert", counting)
+    return converted
+
+
 def tiny_base(model_type: str, folder):
     from optimum_grape.coverage.tiny import build_tiny, scale_like_trained
 
@@ -52,16 +66,20 @@ def tiny_base(model_type: str, folder):
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_layer_by_layer_equals_in_memory(model_type, tmp_path):
+def test_layer_by_layer_equals_in_memory(model_type, tmp_path, monkeypatch):
     cls = tiny_base(model_type, tmp_path / "base")
     data = list(torch.randint(0, 90, (6, 16), generator=torch.Generator().manual_seed(0)))
     in_memory = GrapePruner(GrapeConfig(**SMALL))
     model = cls.from_pretrained(tmp_path / "base").eval()
     in_memory.prune(model, data)
     in_memory.save_pretrained(model, tmp_path / "memory")
+    converted = count_conversions(monkeypatch)
     GrapePruner(GrapeConfig(**SMALL, layer_by_layer=True)).prune_checkpoint(tmp_path / "base", tmp_path / "streamed",
                                                                             data)
     assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+    layers = [group for group in converted if group is not None]  # several passes, each layer converted once:
+    assert sorted(layers) == list(range(model.config.get_text_config().num_hidden_layers))  # later ones read the copy
+    assert not list(tmp_path.glob(".grape-layers-*"))  # and the copy is gone
 
 
 def test_cli_layer_by_layer_equals_in_memory_on_the_shipped_model(tmp_path):

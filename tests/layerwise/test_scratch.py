@@ -1,6 +1,7 @@
-"""The scratch copy of converted decoder layers (layerwise/scratch.py): each layer is converted from
-the checkpoint once, later passes read the copy back to the bit, the copy needs room on disk, and it
-is gone when the job ends or fails."""
+"""The scratch copy of converted decoder layers (layerwise/scratch.py): later passes read the copy
+back to the bit, the copy needs room on disk, a disk that fills up only slows the job, and the copy is
+gone when the job ends or fails. That each layer is converted once, and the job's output is the
+in-memory path's with the copy in use, is checked on every family in test_model.py."""
 
 from __future__ import annotations
 
@@ -13,38 +14,7 @@ from optimum_grape import GrapeConfig, GrapePruner
 from optimum_grape.layerwise.scratch import LayerScratch, _storable
 from optimum_grape.layerwise.skeleton import Skeleton
 
-from .test_model import FAMILIES, SMALL, assert_same_checkpoint, tiny_base
-
-
-def _count_conversions(monkeypatch) -> list:
-    converted = []
-    convert = Skeleton._convert
-
-    def counting(self, group):
-        converted.append(group)
-        convert(self, group)
-
-    monkeypatch.setattr(Skeleton, "_convert", counting)
-    return converted
-
-
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_each_layer_is_converted_once_and_the_job_writes_what_it_writes_without_the_copy(model_type, tmp_path,
-                                                                                          monkeypatch):
-    tiny_base(model_type, tmp_path / "base")
-    data = list(torch.randint(0, 90, (6, 16), generator=torch.Generator().manual_seed(0)))
-    config = GrapeConfig(**SMALL, layer_by_layer=True)
-    converted = _count_conversions(monkeypatch)
-    GrapePruner(config).prune_checkpoint(tmp_path / "base", tmp_path / "out" / "with", data)
-    layers = [g for g in converted if g is not None]
-    assert layers and len(layers) == len(set(layers))  # several passes, one conversion per layer
-    assert not list((tmp_path / "out").glob(".grape-layers-*"))  # the copy is gone
-
-    monkeypatch.setattr(LayerScratch, "if_room", classmethod(lambda cls, parent, size: None))
-    converted.clear()
-    GrapePruner(config).prune_checkpoint(tmp_path / "base", tmp_path / "out" / "without", data)
-    assert len([g for g in converted if g is not None]) > len(layers)  # every pass converts again
-    assert_same_checkpoint(tmp_path / "out" / "with", tmp_path / "out" / "without")
+from .test_model import SMALL, assert_same_checkpoint, count_conversions, tiny_base
 
 
 def test_a_layer_read_back_is_the_converted_layer_to_the_bit(tmp_path):
@@ -113,7 +83,7 @@ def test_a_disk_that_fills_up_during_the_job_only_slows_it(base_folder, tmp_path
         write(state, path)
 
     monkeypatch.setattr(scratch, "write_aligned", fill_after_one)
-    converted = _count_conversions(monkeypatch)
+    converted = count_conversions(monkeypatch)
     config = GrapeConfig(**SMALL, layer_by_layer=True)
     with caplog.at_level(logging.WARNING, logger="optimum_grape"):
         GrapePruner(config).prune_checkpoint(base_folder, tmp_path / "out" / "full")

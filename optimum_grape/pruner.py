@@ -247,7 +247,7 @@ class GrapePruner:
         from transformers import AutoTokenizer
 
         # Converted layers are kept between passes beside the output, on the disk the user chose for it.
-        model = LayerwiseModel(path, trust_remote_code, scratch_parent=Path(output).expanduser().resolve().parent)
+        model = LayerwiseModel(path, trust_remote_code, scratch_beside=Path(output).expanduser().resolve())
         try:
             if tokenizer is None:
                 try:  # the checkpoint's own; token-id data needs none, text data says so when it is missing

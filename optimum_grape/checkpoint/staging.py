@@ -16,8 +16,10 @@ from pathlib import Path
 
 logger = logging.getLogger("optimum_grape")
 # `.{name}.partial-{pid}-{host}-{random}` while a save is written, `.{name}.old-{pid}-{host}` while an
-# overwritten checkpoint is swapped out; the owner's pid and host say when one is stale.
-_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})(?:-[0-9a-f]{8})?$")
+# overwritten checkpoint is swapped out, `.{name}.scratch-{pid}-{host}-{random}` while a layer-by-layer
+# job keeps its converted layers (`layerwise/scratch.py`); the owner's pid and host say when one is stale.
+_STAGING = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>partial|old|scratch)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})(?:-[0-9a-f]{8})?$")
 
 
 def _host() -> str:
@@ -25,8 +27,9 @@ def _host() -> str:
 
 
 def staging_path(target: Path, kind: str) -> Path:
-    """A hidden sibling of `target` owned by this process: kind 'partial' (being written) or 'old'."""
-    suffix = f"-{secrets.token_hex(4)}" if kind == "partial" else ""
+    """A hidden sibling of `target` owned by this process: kind 'partial' (being written), 'old' or
+    'scratch' (a layer-by-layer job's converted layers)."""
+    suffix = f"-{secrets.token_hex(4)}" if kind in ("partial", "scratch") else ""
     return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{_host()}{suffix}")
 
 

@@ -41,10 +41,10 @@ logger = logging.getLogger("optimum_grape")
 
 
 class LayerwiseModel:
-    def __init__(self, folder, trust_remote_code: bool = False, scratch_parent=None) -> None:
-        """`scratch_parent`: a folder to keep the converted layers in between passes, when its disk has
-        room (`LayerScratch.if_room`); None converts every layer on every load."""
-        self.skeleton = Skeleton(folder, trust_remote_code, scratch_parent=scratch_parent)
+    def __init__(self, folder, trust_remote_code: bool = False, scratch_beside=None) -> None:
+        """`scratch_beside`: the output folder, beside which the converted layers are kept between passes
+        when its disk has room (`LayerScratch.if_room`); None converts every layer on every load."""
+        self.skeleton = Skeleton(folder, trust_remote_code, scratch_beside=scratch_beside)
         self.module = self.skeleton.model  # what adapters, configs and fingerprints read
         self.config = self.module.config
         self.layers = self.skeleton.layers

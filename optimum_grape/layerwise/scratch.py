@@ -11,8 +11,9 @@ buffers) to one safetensors file here, and later loads map them back: the same b
 shapes, so the same model to the bit.
 
 The scratch costs disk the size of the model's decoder layers: it is made only where the disk keeps
-room for it and for the pruned checkpoint as well, and deleted as the last pass reads each layer and
-when the job ends. A layer whose tensors safetensors cannot hold as they are (a tensor subclass, a
+room for it and for the pruned checkpoint as well, as a hidden folder beside the output named like
+the checkpoint's staging folders (`checkpoint/staging.py`), and deleted as the last pass reads each
+layer and when the job ends; one that a killed job left is removed by the next job writing there. A layer whose tensors safetensors cannot hold as they are (a tensor subclass, a
 non-contiguous or shared tensor) is simply converted again on every load.
 """
 
@@ -23,12 +24,13 @@ import logging
 import mmap
 import shutil
 import struct
-import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..checkpoint.staging import clean_stale_staging, staging_path
 from ..errors import CheckpointError
 from .checkpoint_index import DTYPES, read_header
 
@@ -42,33 +44,33 @@ HEADROOM = 1.1
 
 
 class LayerScratch:
-    """Converted decoder layers, one safetensors file each, in a temporary folder under `parent`."""
+    """Converted decoder layers, one safetensors file each, in a hidden folder beside the output."""
 
-    def __init__(self, parent: Path) -> None:
-        self._folder = tempfile.TemporaryDirectory(prefix=".grape-layers-", dir=parent,
-                                                    ignore_cleanup_errors=True)  # removed at exit too
-        self.path = Path(self._folder.name)
+    def __init__(self, output: Path) -> None:
+        clean_stale_staging(output)  # the scratch of a job that was killed here before
+        self.path = staging_path(output, "scratch")
+        self.path.mkdir()
+        self._removal = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)  # at exit too
         self._stored: set[int] = set()
         self._full = False
 
     @classmethod
-    def if_room(cls, parent, model_bytes: int) -> LayerScratch | None:
-        """A scratch under `parent` when its disk has room for the model twice over (the scratch and the
+    def if_room(cls, output, model_bytes: int) -> LayerScratch | None:
+        """A scratch beside `output` when its disk has room for the model twice over (the scratch and the
         pruned checkpoint), else None: the job then converts every layer on every load, as it can."""
-        parent = Path(parent)
-        while not parent.is_dir() and parent != parent.parent:  # the output's folder may not exist yet
-            parent = parent.parent
+        output = Path(output)
         try:
-            free = shutil.disk_usage(parent).free
+            output.parent.mkdir(parents=True, exist_ok=True)  # where the checkpoint goes in any case
+            free = shutil.disk_usage(output.parent).free
             if free >= (1 + HEADROOM) * model_bytes:
-                return cls(parent)
+                return cls(output)
         except OSError as err:  # unreadable or read-only: the job runs without a scratch
-            logger.info("No scratch copy of the converted layers under %s (%s); every pass converts the "
-                        "checkpoint's layers again.", parent, err)
+            logger.info("No scratch copy of the converted layers beside %s (%s); every pass converts the "
+                        "checkpoint's layers again.", output, err)
             return None
         logger.info("No scratch copy of the converted layers: %s has %.2f GB free, under the %.2f GB the copy and "
                     "the pruned checkpoint need; every pass converts the checkpoint's layers again.",
-                    parent, free / 1e9, (1 + HEADROOM) * model_bytes / 1e9)
+                    output.parent, free / 1e9, (1 + HEADROOM) * model_bytes / 1e9)
         return None
 
     def _file(self, index: int) -> Path:
@@ -131,7 +133,7 @@ class LayerScratch:
 
     def close(self) -> None:
         self._stored.clear()
-        self._folder.cleanup()
+        self._removal()
 
 
 def write_aligned(state: dict[str, torch.Tensor], path: Path) -> None:

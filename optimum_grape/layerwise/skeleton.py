@@ -49,7 +49,7 @@ def _apply_pruned_layout(model, config) -> None:
 class Skeleton:
     """The meta-device model of a checkpoint folder and its parts, loadable one at a time."""
 
-    def __init__(self, folder, trust_remote_code: bool = False, model_class=None, scratch_parent=None) -> None:
+    def __init__(self, folder, trust_remote_code: bool = False, model_class=None, scratch_beside=None) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -57,9 +57,9 @@ class Skeleton:
 
         self.folder = folder
         self.index = CheckpointIndex(folder)
-        # Converted layers kept between loads under `scratch_parent` where its disk has room; None: every
-        # load converts the checkpoint's tensors again.
-        self.scratch = LayerScratch.if_room(scratch_parent, self.index.size_bytes()) if scratch_parent else None
+        # Converted layers kept between loads beside the output `scratch_beside` where its disk has room;
+        # None: every load converts the checkpoint's tensors again.
+        self.scratch = LayerScratch.if_room(scratch_beside, self.index.size_bytes()) if scratch_beside else None
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:

@@ -79,7 +79,7 @@ def test_layer_by_layer_equals_in_memory(model_type, tmp_path, monkeypatch):
     assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
     layers = [group for group in converted if group is not None]  # several passes, each layer converted once:
     assert sorted(layers) == list(range(model.config.get_text_config().num_hidden_layers))  # later ones read the copy
-    assert not list(tmp_path.glob(".grape-layers-*"))  # and the copy is gone
+    assert not list(tmp_path.glob(".streamed.scratch-*"))  # and the copy is gone
 
 
 def test_cli_layer_by_layer_equals_in_memory_on_the_shipped_model(tmp_path):

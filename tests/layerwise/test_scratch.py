@@ -6,6 +6,9 @@ in-memory path's with the copy in use, is checked on every family in test_model.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from .test_model import SMALL, assert_same_checkpoint, count_conversions, tiny_b
 
 def test_a_layer_read_back_is_the_converted_layer_to_the_bit(tmp_path):
     tiny_base("deepseek_v3", tmp_path / "base")  # a correction-bias buffer besides the parameters
-    skeleton = Skeleton(tmp_path / "base", scratch_parent=tmp_path)
+    skeleton = Skeleton(tmp_path / "base", scratch_beside=tmp_path / "out")
     layer = skeleton.layers[1]
     skeleton.load(1)
     converted = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -35,18 +38,35 @@ def test_a_layer_read_back_is_the_converted_layer_to_the_bit(tmp_path):
     for key, tensor in converted.items():
         assert again[key].dtype == tensor.dtype and again[key].stride() == strides[key] and torch.equal(again[key], tensor)
     assert {n: p.requires_grad for n, p in layer.named_parameters()} == grads
+    assert skeleton.scratch.path.parent == tmp_path and skeleton.scratch.path.name.startswith(".out.scratch-")
     skeleton.close()
-    assert not list(tmp_path.glob(".grape-layers-*"))
+    assert not list(tmp_path.glob(".out.scratch-*"))
 
 
 def test_no_copy_where_the_disk_lacks_room(tmp_path, caplog):
+    output = tmp_path / "not" / "yet" / "out"
     with caplog.at_level(logging.INFO, logger="optimum_grape"):
-        assert LayerScratch.if_room(tmp_path / "not" / "yet", 10**18) is None
+        assert LayerScratch.if_room(output, 10**18) is None
     assert "GB free" in caplog.text and "converts the checkpoint's layers again" in caplog.text
-    scratch = LayerScratch.if_room(tmp_path / "not" / "yet", 1)  # the nearest folder that exists holds it
-    assert scratch is not None and scratch.path.parent == tmp_path
+    scratch = LayerScratch.if_room(output, 1)  # beside the output, whose folder is made as saving would
+    assert scratch is not None and scratch.path.parent == output.parent
     scratch.close()
     assert not scratch.path.exists()
+
+
+def test_a_scratch_a_killed_job_left_is_removed_by_the_next_job_there(tmp_path):
+    from optimum_grape.checkpoint.staging import _host
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.scratch-{dead.pid}-{_host()}-0123abcd"
+    alive = tmp_path / f".out.scratch-{os.getppid()}-{_host()}-0123abcd"  # another job, still running
+    for folder in (stale, alive):
+        folder.mkdir()
+        (folder / "layer-00000.safetensors").write_bytes(b"x")
+    scratch = LayerScratch.if_room(tmp_path / "out", 1)
+    assert not stale.exists() and (alive / "layer-00000.safetensors").exists()
+    scratch.close()
 
 
 def test_a_layer_safetensors_cannot_give_back_as_it_is_is_converted_again():
@@ -64,7 +84,7 @@ def test_the_copy_is_removed_when_the_job_fails(base_folder, tmp_path, monkeypat
     monkeypatch.setattr(GrapePruner, "plan", fail)
     with pytest.raises(RuntimeError, match="planning failed"):
         GrapePruner(GrapeConfig(**SMALL, layer_by_layer=True)).prune_checkpoint(base_folder, tmp_path / "out")
-    assert not list(tmp_path.glob(".grape-layers-*"))
+    assert not list(tmp_path.glob(".out.scratch-*"))
 
 
 def test_a_disk_that_fills_up_during_the_job_only_slows_it(base_folder, tmp_path, monkeypatch, caplog):

@@ -9,10 +9,9 @@ experts per layer (and each layer's redundancy, when the plan measured it) is sa
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from importlib import resources
 from pathlib import Path
 
@@ -252,7 +251,7 @@ def wait_for_plot(folder) -> None:
     """Let a plot started by `plot_ahead` finish (before its folder is deleted), ignoring its result."""
     ahead = _PLOTS_AHEAD.pop(Path(folder) / PLOT_FILE, None)
     if ahead is not None:
-        concurrent.futures.wait([ahead[1]])
+        wait([ahead[1]])
 
 
 def _plot(plan: PruningPlan, path: Path) -> bool:

@@ -166,7 +166,6 @@ class LayerwiseModel:
         write_config(self.module, folder, self.skeleton.dtype)
         logger.info("Applied plan layer by layer. %s", plan.summary())
 
-
     def close(self) -> None:
         """Delete the scratch copies of the converted layers (also done at interpreter exit)."""
         self.skeleton.close()

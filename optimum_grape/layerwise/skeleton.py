@@ -57,9 +57,6 @@ class Skeleton:
 
         self.folder = folder
         self.index = CheckpointIndex(folder)
-        # Converted layers kept between loads beside the output `scratch_beside` where its disk has room;
-        # None: every load converts the checkpoint's tensors again.
-        self.scratch = LayerScratch.if_room(scratch_beside, self.index.size_bytes()) if scratch_beside else None
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
@@ -105,6 +102,9 @@ class Skeleton:
             raise UnsupportedModelError(f"No weights for decoder layers {missing} were found in {folder}: is the "
                                         "checkpoint complete?")
         _quiet_loading()
+        # Converted layers kept between loads beside the output `scratch_beside` where its disk has room
+        # (made last: a checkpoint refused above leaves no folder); None: every load converts again.
+        self.scratch = LayerScratch.if_room(scratch_beside, self.index.size_bytes()) if scratch_beside else None
 
     # -- loading and freeing --------------------------------------------------------------------
     def load(self, group: int | None) -> None:

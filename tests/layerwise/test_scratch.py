@@ -113,3 +113,36 @@ def test_a_disk_that_fills_up_during_the_job_only_slows_it(base_folder, tmp_path
     monkeypatch.setattr(LayerScratch, "if_room", classmethod(lambda cls, parent, size: None))
     GrapePruner(config).prune_checkpoint(base_folder, tmp_path / "out" / "none")
     assert_same_checkpoint(tmp_path / "out" / "full", tmp_path / "out" / "none")
+
+
+def test_a_copy_gone_missing_is_converted_again_with_a_warning(tmp_path, caplog):
+    tiny_base("mixtral", tmp_path / "base")
+    skeleton = Skeleton(tmp_path / "base", scratch_beside=tmp_path / "out")
+    skeleton.load(0)
+    converted = {k: v.clone() for k, v in skeleton.layers[0].state_dict().items()}
+    skeleton.release(0)
+    for copy in skeleton.scratch.path.iterdir():
+        copy.unlink()
+    with caplog.at_level(logging.WARNING, logger="optimum_grape"):
+        skeleton.load(0)
+    assert "Cannot read the scratch copy of decoder layer 0" in caplog.text and "converting it again" in caplog.text
+    again = skeleton.layers[0].state_dict()
+    assert all(torch.equal(again[k], v) for k, v in converted.items())
+    skeleton.close()
+
+
+def test_a_place_the_scratch_cannot_go_gets_none_and_says_why(tmp_path, caplog):
+    (tmp_path / "a_file").write_text("not a folder")
+    with caplog.at_level(logging.INFO, logger="optimum_grape"):
+        assert LayerScratch.if_room(tmp_path / "a_file" / "out", 1) is None
+    assert "No scratch copy of the converted layers beside" in caplog.text and "a_file" in caplog.text
+
+
+def test_a_checkpoint_refused_leaves_no_scratch(tmp_path):
+    from optimum_grape.errors import UnsupportedModelError
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(UnsupportedModelError, match="Cannot read the config"):
+        Skeleton(tmp_path / "base", scratch_beside=tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()  # nothing made for a job that never starts

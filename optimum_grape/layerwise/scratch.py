@@ -25,6 +25,7 @@ import mmap
 import shutil
 import struct
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -53,6 +54,10 @@ class LayerScratch:
         self._removal = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)  # at exit too
         self._stored: set[int] = set()
         self._full = False
+        # One layer written at a time, on a thread, while the layer runs: the write (a second of disk
+        # per GB) overlaps the pass instead of adding to it; `settle` waits for it.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="grape-scratch")
+        self._pending: Future | None = None
 
     @classmethod
     def if_room(cls, output, model_bytes: int) -> LayerScratch | None:
@@ -76,12 +81,21 @@ class LayerScratch:
     def _file(self, index: int) -> Path:
         return self.path / f"layer-{index:05d}.safetensors"
 
-    def store(self, index: int, layer: nn.Module) -> bool:
-        """Write a just-converted layer's tensors; False (nothing written) when they cannot be read back
-        exactly as they are."""
-        state = layer.state_dict()
+    def store(self, index: int, layer: nn.Module) -> None:
+        """Start writing a just-converted layer's tensors, on the writer thread, while the layer runs;
+        nothing is written when they cannot be read back exactly as they are. The parameters are
+        written from the layer's own memory (nothing here changes one in place: merges make new
+        tensors), so the layer must stay loaded until `settle` (`Skeleton.release` waits); buffers,
+        which a pass may change in place, are written from a copy taken now."""
+        self.settle()
+        held = layer.state_dict(keep_vars=True)
+        state = {name: t.detach() for name, t in held.items()}
         if self._full or not _storable(state):
-            return False
+            return
+        state = {name: t if isinstance(held[name], nn.Parameter) else t.clone() for name, t in state.items()}
+        self._pending = self._writer.submit(self._write, index, state)
+
+    def _write(self, index: int, state: dict[str, torch.Tensor]) -> None:
         try:
             write_aligned(state, self._file(index))
         except OSError as err:  # the disk filled up since the job started: go on converting
@@ -89,9 +103,14 @@ class LayerScratch:
             self._full = True
             logger.warning("Could not write the scratch copy of decoder layer %d (%s); the remaining layers are "
                            "converted on every load.", index, err)
-            return False
+            return
         self._stored.add(index)
-        return True
+
+    def settle(self) -> None:
+        """Wait for the layer being written, if any (an error other than a full disk is raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def restore(self, index: int, layer: nn.Module) -> bool:
         """Give `layer` the tensors stored for it (parameters on the meta device replaced, buffers set);
@@ -101,6 +120,7 @@ class LayerScratch:
         (a merge that replaces one expert tensor frees the old one's pages at once, as it would free
         memory of its own). The mappings are private (copy on write): changing a tensor in place never
         reaches the file."""
+        self.settle()
         if index not in self._stored:
             return False
         path = self._file(index)
@@ -124,6 +144,7 @@ class LayerScratch:
 
     def drop(self, index: int) -> None:
         """Delete a layer's copy once no later pass reads it."""
+        self.settle()
         if index in self._stored:
             self._stored.discard(index)
             try:
@@ -132,8 +153,12 @@ class LayerScratch:
                 pass
 
     def close(self) -> None:
-        self._stored.clear()
-        self._removal()
+        try:
+            self.settle()
+        finally:
+            self._writer.shutdown()
+            self._stored.clear()
+            self._removal()
 
 
 def write_aligned(state: dict[str, torch.Tensor], path: Path) -> None:

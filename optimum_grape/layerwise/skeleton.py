@@ -158,6 +158,8 @@ class Skeleton:
 
     def release(self, group: int | None) -> None:
         """Free a part: its parameters go back to the meta device (buffers are small and stay)."""
+        if self.scratch is not None:
+            self.scratch.settle()  # the part's scratch copy is written from its memory: finish it first
         module = self.part(group)
         own = {id(p) for _, p in self._own_parameters(module, group)}
         for owner in module.modules():

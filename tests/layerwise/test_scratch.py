@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -39,6 +40,50 @@ def test_a_layer_read_back_is_the_converted_layer_to_the_bit(tmp_path):
         assert again[key].dtype == tensor.dtype and again[key].stride() == strides[key] and torch.equal(again[key], tensor)
     assert {n: p.requires_grad for n, p in layer.named_parameters()} == grads
     assert skeleton.scratch.path.parent == tmp_path and skeleton.scratch.path.name.startswith(".out.scratch-")
+    skeleton.close()
+    assert not list(tmp_path.glob(".out.scratch-*"))
+
+
+def test_the_copy_holds_the_layer_as_converted_though_written_while_it_runs(tmp_path, monkeypatch):
+    from optimum_grape.layerwise import scratch
+
+    tiny_base("deepseek_v3", tmp_path / "base")
+    skeleton = Skeleton(tmp_path / "base", scratch_beside=tmp_path / "out")
+    layer = skeleton.layers[1]
+    started, finish = threading.Event(), threading.Event()
+    write = scratch.write_aligned
+
+    def slow_write(state, path):  # the write is still going when the pass changes the layer's buffer
+        started.set()
+        assert finish.wait(10)
+        write(state, path)
+
+    monkeypatch.setattr(scratch, "write_aligned", slow_write)
+    skeleton.load(1)
+    converted = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert started.wait(10)
+    for buffer in layer.buffers():
+        buffer.add_(1.0)  # changed in place by the pass, before the copy is on disk
+    finish.set()
+    skeleton.release(1)  # waits for the write
+    skeleton.load(1)
+    again = layer.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in converted.items())
+    skeleton.close()
+
+
+def test_a_failed_write_other_than_a_full_disk_is_raised(tmp_path, monkeypatch):
+    from optimum_grape.layerwise import scratch
+
+    def broken(state, path):
+        raise ValueError("a bug in the writer")
+
+    tiny_base("mixtral", tmp_path / "base")
+    skeleton = Skeleton(tmp_path / "base", scratch_beside=tmp_path / "out")
+    monkeypatch.setattr(scratch, "write_aligned", broken)
+    skeleton.load(0)
+    with pytest.raises(ValueError, match="a bug in the writer"):
+        skeleton.release(0)
     skeleton.close()
     assert not list(tmp_path.glob(".out.scratch-*"))
 

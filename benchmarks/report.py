@@ -260,9 +260,10 @@ def scale_table() -> str:
     """docs/scale.md's table: memory and time in memory against layer by layer, and calibration against
     a forward, per model of results/scale.json; then the REAP side-by-side with llm-compressor."""
     scale, lc = _scale_records()
-    lines = ["| model | bytes on disk | in memory: peak RSS / model, wall | layer by layer: peak RSS / model, wall "
+    lines = ["| model | bytes on disk | in memory: peak RSS / model, wall | loading alone: peak RSS / model "
+             "| layer by layer: peak RSS / model, wall "
              "| LBL / in-memory wall | same plan and weights | GRAPE calibration / forward (64 x 256 + 8) | measured |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, what in SCALE_MODELS.items():
         m = scale["models"].get(name)
         if m is None:
@@ -279,12 +280,16 @@ def scale_table() -> str:
         measured = m.get("measured", {})
         lines.append(
             f"| {what} | {m['bytes_on_disk'] / 1e9:.2f} GB | {mem['peak_rss_over_model']:.3f}x, {mem['wall_s']:.1f} s | "
+            + (f"{m['load_only']['peak_rss_over_model']:.3f}x | " if "load_only" in m else "not measured | ")
             + (f"{lbl['peak_rss_over_model']:.3f}x, {lbl['wall_s']:.1f} s | {m['layer_by_layer_over_in_memory']['wall']:.3f}x | "
                if lbl else "not run | | ")
             + f"{'yes' if same.get('plan_equal') and same.get('weights_equal') else 'no'} | {cal} | "
-            f"{measured.get('date', 'earlier')}, {_load(measured)} |")
+            f"{measured.get('date', 'earlier')}, {_load(measured)}"
+            + (f", median of {m['repeats']} runs" if m.get("repeats", 1) > 1 else "") + " |")
     lines += ["", f"A process that only imports what a pruning job imports peaks at "
-              f"{scale['import_only_peak_rss_bytes'] / 1e9:.2f} GB. Commands: "
+              f"{scale['import_only_peak_rss_bytes'] / 1e9:.2f} GB; loading alone is that process loading the model as "
+              "the CLI does (`load_model_and_tokenizer`) and stopping there, the least an in-memory job can hold. "
+              "Commands: "
               + "; ".join(sorted({f"`{m['measured']['command']}`" for m in scale["models"].values() if 'measured' in m}))
               + ". One CPU thread per job; the load average is the machine's 1-minute average at the start of each "
               "model's runs (1.0 = one core busy; it lags by about a minute, so right after the previous model's runs "
@@ -339,8 +344,9 @@ def scale_summary() -> str:
         m = scale["models"].get(name)
         if m is None or "layer_by_layer" not in m:
             continue
+        loading = f" (loading it alone: {m['load_only']['peak_rss_over_model']:.2f}x)" if "load_only" in m else ""
         parts.append(f"{name} ({m['bytes_on_disk'] / 1e9:.1f} GB): in memory {m['in_memory']['peak_rss_over_model']:.2f}x "
-                     f"the model's size at peak, layer by layer {m['layer_by_layer']['peak_rss_over_model']:.2f}x in "
+                     f"the model's size at peak{loading}, layer by layer {m['layer_by_layer']['peak_rss_over_model']:.2f}x in "
                      f"{m['layer_by_layer_over_in_memory']['wall']:.2f}x the in-memory wall time")
     text = ("Memory and time of the default GRAPE job (25%), from `benchmarks/results/scale.json` "
             "([docs/scale.md](docs/scale.md)): " + "; ".join(parts) + ".")

@@ -4,6 +4,7 @@ across two processes.
 
     python benchmarks/scale.py                          # the three models below, then torchrun
     python benchmarks/scale.py --models mixtral-6L      # one model, for a quick look
+    python benchmarks/scale.py --repeats 3              # each job 3 times, alternating: medians
     python benchmarks/scale.py --device cuda            # where a GPU is lent: the same, on it
 
 Models (random weights, seeded, float32, built once under benchmarks/testbeds/cache/ with the
@@ -14,6 +15,8 @@ shipped model's tokenizer; trained-looking scales so that routers discriminate):
   512, 8 layers (1.74 GB), where per-expert work is largest.
 
 Per model:
+0. Loading alone: a child that imports what a job imports and loads the model as the CLI does, then
+   stops; its peak RSS / model is the least any in-memory job on that model can hold.
 1. `optimum-grape prune` (the default GRAPE job at 25%, calibrated on 8 x 128 tokens, 2 held aside)
    in its own child process, in memory and with --layer-by-layer: wall time, CPU time (user + sys)
    and peak resident memory (the child's ru_maxrss), as a ratio to the model's bytes on disk; both
@@ -34,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -147,6 +151,17 @@ def import_floor() -> int:
     return peak
 
 
+def load_only(base: Path, size: int) -> dict:
+    """Peak RSS of a process that imports what a pruning job imports and loads the model as the CLI
+    does (`load_model_and_tokenizer`), then stops: the least any in-memory job on this model can hold."""
+    result, peak, _ = measured([sys.executable, "-c", "import sys, optimum_grape.pruner; from optimum_grape.checkpoint."
+                                "load import load_model_and_tokenizer; load_model_and_tokenizer(sys.argv[1])",
+                                str(base)], env=one_thread())
+    if result.returncode != 0:
+        raise SystemExit(f"loading {base} failed:\n{result.stderr[-3000:]}")
+    return {"peak_rss_bytes": peak, "peak_rss_over_model": round(peak / size, 3)}
+
+
 def same_output(a: Path, b: Path) -> dict:
     from safetensors import safe_open
 
@@ -233,7 +248,17 @@ def two_processes(work: Path) -> dict:
             "wall_s": {k: v["wall_s"] for k, v in runs.items()}}
 
 
-def measure_model(name: str, work: Path, device: str) -> dict:
+def summary_of(runs: list[dict], size: int) -> dict:
+    """One mode's runs: median wall and CPU time, the largest peak (what a user must provision for),
+    and each run when there were several."""
+    peak = max(r["peak_rss_bytes"] for r in runs)
+    return {"wall_s": round(statistics.median(r["wall_s"] for r in runs), 1),
+            "cpu_s": round(statistics.median(r["cpu_s"] for r in runs), 1),
+            "peak_rss_bytes": peak, "peak_rss_over_model": round(peak / size, 3),
+            **({"runs": runs} if len(runs) > 1 else {})}
+
+
+def measure_model(name: str, work: Path, device: str, repeats: int = 1) -> dict:
     base = build(name)
     size = folder_bytes(base)
     config = json.loads((base / "config.json").read_text())
@@ -242,9 +267,15 @@ def measure_model(name: str, work: Path, device: str) -> dict:
     record = {"architecture": config["architectures"][0], "layers": config["num_hidden_layers"],
               "hidden": config["hidden_size"], "experts": config.get("num_local_experts", config.get("num_experts")),
               "top_k": config["num_experts_per_tok"], "dtype": "float32", "bytes_on_disk": size}
-    runs = {"in_memory": prune(base, work / "in-memory", extra, size)}
-    if device == "cpu":  # layer by layer runs on the CPU only
-        runs["layer_by_layer"] = prune(base, work / "layer-by-layer", ["--layer-by-layer"], size)
+    record["load_only"] = load_only(base, size)
+    print(f"  load only       peak RSS {record['load_only']['peak_rss_bytes'] / 1e9:5.2f} GB = "
+          f"{record['load_only']['peak_rss_over_model']:.3f}x the model", flush=True)
+    trials = {"in_memory": [], "layer_by_layer": []}
+    for _ in range(repeats):  # the modes alternate, so a slow spell of the machine falls on both
+        trials["in_memory"].append(prune(base, work / "in-memory", extra, size))
+        if device == "cpu":  # layer by layer runs on the CPU only
+            trials["layer_by_layer"].append(prune(base, work / "layer-by-layer", ["--layer-by-layer"], size))
+    runs = {mode: summary_of(done, size) for mode, done in trials.items() if done}
     for mode, run in runs.items():
         print(f"  {mode:15s} wall {run['wall_s']:7.1f}s  CPU {run['cpu_s']:7.1f}s  peak RSS "
               f"{run['peak_rss_bytes'] / 1e9:5.2f} GB = {run['peak_rss_over_model']:.3f}x the model", flush=True)
@@ -274,6 +305,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is lent (in-memory jobs only)")
     parser.add_argument("--no-torchrun", action="store_true", help="skip the two-process run")
     parser.add_argument("--work", type=Path, default=CACHE / "scale-runs")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each mode per model, alternating; wall and CPU are their medians, the peak their largest")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     floor = import_floor()
@@ -290,7 +323,8 @@ def main() -> int:
         # What else the machine was doing when this model's runs began, measured rather than asserted;
         # models of one results file may come from different runs, so each says which.
         started = {"command": command, "date": time.strftime("%Y-%m-%d"), **machine_now()}
-        record["models"][name] = {**measure_model(name, args.work, args.device), "measured": started}
+        record["models"][name] = {**measure_model(name, args.work, args.device, args.repeats),
+                                  "repeats": args.repeats, "measured": started}
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(record, indent=1) + "\n")  # after each model: a long run keeps what it measured
     ok = all(m.get("identical_output", {}).get("weights_equal", True) and

@@ -32,6 +32,7 @@ from .merging.with_data import DataMerger
 from .methods import PruningMethod, get_method, resolve_allocation, resolve_merge
 from .plan import PruningPlan
 from .planning.build import Planner
+from .runtime.memory import return_free_memory
 from .stats import ExpertStats
 from .validation import check_fingerprint
 
@@ -142,7 +143,9 @@ class GrapePruner:
         needs = frozenset(self.method.needs) | frozenset(extra_needs)
 
         def finalize(recorder, layer):
-            return recorder.finalize(needs, self.config.similarity, module.config, adapter.layer_floor(layer))
+            layer_stats = recorder.finalize(needs, self.config.similarity, module.config, adapter.layer_floor(layer))
+            return_free_memory()  # every expert's outputs on the layer's samples: the pass's largest temporaries
+            return layer_stats
 
         start = time.perf_counter()
         with recording(module, adapter, layers, len(batches), self.config.max_tokens_per_layer,

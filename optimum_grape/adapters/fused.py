@@ -21,7 +21,7 @@ from torch import nn
 from ..algorithms.merging import combine_rows
 from ..errors import UnsupportedModelError
 from .alignment import aligned_expert_tensors
-from .base import MoEAdapter, MoELayer, decoder_layer_index, set_count_attributes
+from .base import MoEAdapter, MoELayer, decoder_layer_index, outputs_of, set_count_attributes
 from .grouped import GroupedRouting
 from .rules import InferredRouting
 
@@ -170,13 +170,14 @@ class FusedExpertsAdapter(GroupedRouting, InferredRouting, MoEAdapter):
         if getattr(experts, "has_post_expert_norm", False) and norm is None:
             raise UnsupportedModelError(f"{type(experts).__name__} declares a post-expert norm but has no "
                                         "`post_expert_norm` module; register the family with an adapter.")
-        outputs = []
-        for e in expert_ids:
+
+        def output_of(e: int) -> torch.Tensor:
             proj = self.expert_activations(layer, hidden, e)
             down_bias = experts.down_proj_bias[e] if experts.has_bias else None
             out = _linear(proj, experts.down_proj[e], down_bias, experts.is_transposed)
-            outputs.append(norm(out) if norm is not None else out)
-        return torch.stack(outputs, dim=0)
+            return norm(out) if norm is not None else out
+
+        return outputs_of(expert_ids, output_of)
 
     def merges_with_data(self, layer: MoELayer) -> bool:
         # Not when a norm follows the down projection: a least-squares refit of it would be wrong.

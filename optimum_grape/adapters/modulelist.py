@@ -23,7 +23,7 @@ from torch import nn
 
 from ..algorithms.merging import combine_rows
 from ..errors import UnsupportedModelError
-from .base import MoEAdapter, MoELayer, decoder_layer_index, find_router_child, set_count_attributes
+from .base import MoEAdapter, MoELayer, decoder_layer_index, find_router_child, outputs_of, set_count_attributes
 
 logger = logging.getLogger("optimum_grape")
 COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -86,7 +86,7 @@ class ModuleListExpertsAdapter(MoEAdapter):
 
     # -- measuring --------------------------------------------------------------------------------
     def run_experts(self, layer: MoELayer, hidden: torch.Tensor, expert_ids: Iterable[int]) -> torch.Tensor:
-        return torch.stack([layer.experts[e](hidden) for e in expert_ids], dim=0)
+        return outputs_of(expert_ids, lambda e: layer.experts[e](hidden))
 
     # -- changing ---------------------------------------------------------------------------------
     def set_count(self, layer: MoELayer, count: int) -> None:

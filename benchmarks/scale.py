@@ -143,22 +143,24 @@ def prune(base: Path, out: Path, extra: list[str], size: int) -> dict:
             "peak_rss_over_model": round(peak / size, 3)}
 
 
+def child_peak(code: str, *args: str, env=None) -> int:
+    """Peak RSS of a `python -c code args` child, which must succeed."""
+    result, peak, _ = measured([sys.executable, "-c", code, *args], env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"{code!r} failed:\n{result.stderr[-3000:]}")
+    return peak
+
+
 def import_floor() -> int:
     """Peak RSS of a process that imports what a pruning job imports, and loads nothing."""
-    result, peak, _ = measured([sys.executable, "-c", "import optimum_grape.pruner, transformers.modeling_utils"])
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-3000:])
-    return peak
+    return child_peak("import optimum_grape.pruner, transformers.modeling_utils")
 
 
 def load_only(base: Path, size: int) -> dict:
     """Peak RSS of a process that imports what a pruning job imports and loads the model as the CLI
     does (`load_model_and_tokenizer`), then stops: the least any in-memory job on this model can hold."""
-    result, peak, _ = measured([sys.executable, "-c", "import sys, optimum_grape.pruner; from optimum_grape.checkpoint."
-                                "load import load_model_and_tokenizer; load_model_and_tokenizer(sys.argv[1])",
-                                str(base)], env=one_thread())
-    if result.returncode != 0:
-        raise SystemExit(f"loading {base} failed:\n{result.stderr[-3000:]}")
+    peak = child_peak("import sys, optimum_grape.pruner; from optimum_grape.checkpoint.load import "
+                      "load_model_and_tokenizer; load_model_and_tokenizer(sys.argv[1])", str(base), env=one_thread())
     return {"peak_rss_bytes": peak, "peak_rss_over_model": round(peak / size, 3)}
 
 

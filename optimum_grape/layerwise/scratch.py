@@ -13,8 +13,9 @@ shapes, so the same model to the bit.
 The scratch costs disk the size of the model's decoder layers: it is made only where the disk keeps
 room for it and for the pruned checkpoint as well, as a hidden folder beside the output named like
 the checkpoint's staging folders (`checkpoint/staging.py`), and deleted as the last pass reads each
-layer and when the job ends; one that a killed job left is removed by the next job writing there. A layer whose tensors safetensors cannot hold as they are (a tensor subclass, a
-non-contiguous or shared tensor) is simply converted again on every load.
+layer and when the job ends; one that a killed job left is removed by the next job writing there.
+A layer whose tensors safetensors cannot hold as they are (a tensor subclass, a non-contiguous or
+shared tensor) is simply converted again on every load.
 """
 
 from __future__ import annotations
